@@ -1,0 +1,134 @@
+"""``PEFTCallback``: parameter-efficient fine-tuning for the Trainer you already have.
+
+Order matters (Lightning 2.6): ``Callback.setup`` runs after the LightningModule is built and before
+``configure_model``, checkpoint restore, the strategy's wrapping (DDP/FSDP) and ``configure_optimizers``.
+So at ``setup`` we inject the adapters and freeze the base; everything after sees the adapted model.
+When the module builds its model in ``configure_model`` (:class:`~lightning_peft.PEFTMixin`), the model
+does not exist yet at ``setup``: the callback hands the method to the mixin, which injects right after
+building and before the user's sharding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_peft.checkpointing import CHECKPOINT_KEY, checkpoint_metadata, make_state_dict_adapter_only, verify_checkpoint
+from lightning_peft.core.injection import apply_peft, parameter_summary
+from lightning_peft.core.model_lookup import find_model
+from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.mixin import PEFTMixin
+
+ExportWhen = Literal["fit_end", "checkpoint", "both"]
+
+
+class PEFTCallback(Callback):
+    """Inject a PEFT method at ``setup``, keep checkpoints adapter-only, and export adapters.
+
+    Args:
+        method: the PEFT method, e.g. ``LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"])``.
+        model_attr: attribute of the LightningModule that holds the model to adapt. By default the single
+            transformers model inside the module is used, or the module itself.
+        export_dir: where to write the adapter (HF peft format) in ``<export_dir>/adapter``; nothing is
+            exported when ``None``.
+        export_on: ``"fit_end"``, ``"checkpoint"`` (``<export_dir>/step-<N>/``) or ``"both"``.
+        export_merged: also write the merged model in transformers ``save_pretrained`` format
+            (``<export_dir>/merged``), made from the base weights plus the adapters' deltas.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[PEFTCallback(LoRA(r=8, target_modules=["q_proj", "v_proj"]))])
+    """
+
+    def __init__(
+        self,
+        method: PEFTMethod,
+        model_attr: str | None = None,
+        export_dir: str | None = None,
+        export_on: ExportWhen = "fit_end",
+        export_merged: bool = False,
+    ) -> None:
+        if not isinstance(method, PEFTMethod):
+            raise TypeError(f"method must be a lightning_peft method such as LoRA(...), got {type(method).__name__}")
+        if export_on not in ("fit_end", "checkpoint", "both"):
+            raise ValueError(f"export_on={export_on!r}; choose 'fit_end', 'checkpoint' or 'both'")
+        self.method = method
+        self.model_attr = model_attr
+        self.export_dir = export_dir
+        self.export_on = export_on
+        self.export_merged = export_merged
+
+    # -- injection --------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(pl_module, PEFTMixin):
+            pl_module.use_peft_method(self.method)  # injects now, or in configure_model once built
+            return
+        model = find_model(pl_module, self.model_attr)
+        if model is None:
+            raise ValueError(
+                f"PEFTCallback found no model in {type(pl_module).__name__} at setup; build it in __init__, "
+                f"or build it in configure_model and inherit lightning_peft.PEFTMixin"
+            )
+        targets = apply_peft(model, self.method)
+        make_state_dict_adapter_only(pl_module)
+        pl_module.strict_loading = False  # frozen keys are absent by design; verify_checkpoint checks the rest
+        rank_zero_info(f"lightning_peft: {type(self.method).__name__} on {len(targets)} modules; {parameter_summary(pl_module)}")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_optimizers_cover_trainable(trainer, pl_module)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _model(self, pl_module: pl.LightningModule) -> Any:
+        attribute = self.model_attr or getattr(pl_module, "peft_model_attr", None)
+        return find_model(pl_module, attribute)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(self._model(pl_module))
+        if self.export_dir and self.export_on in ("checkpoint", "both"):
+            self._export(trainer, pl_module, Path(self.export_dir) / f"step-{trainer.global_step}")
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        verify_checkpoint(checkpoint, pl_module, self._model(pl_module))
+
+    # -- export -----------------------------------------------------------------------------------
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir and self.export_on in ("fit_end", "both"):
+            self._export(trainer, pl_module, Path(self.export_dir))
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: os.PathLike) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning_peft.export.merged import save_merged
+        from lightning_peft.export.peft_format import save_adapter
+
+        model = self._model(pl_module)
+        save_adapter(model, Path(directory) / "adapter")
+        if self.export_merged:
+            save_merged(model, Path(directory) / "merged", tokenizer=getattr(pl_module, "tokenizer", None))
+        rank_zero_info(f"lightning_peft: exported adapter to {Path(directory) / 'adapter'}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method.to_dict()}
+
+
+def check_optimizers_cover_trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Fail loudly when an adapter parameter is in no optimizer: it would silently never train.
+
+    This is what happens when an optimizer is built from ``model.parameters()`` before injection (e.g.
+    a LightningCLI ``optimizer:`` key resolved too early).
+    """
+    if not trainer.optimizers:
+        return
+    in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    orphans = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    if orphans:
+        raise RuntimeError(
+            f"{len(orphans)} trainable adapter parameters are in no optimizer (e.g. {orphans[:3]}), so they would never "
+            f"train. Build the optimizer in configure_optimizers from the trainable parameters: "
+            f"torch.optim.AdamW(p for p in self.parameters() if p.requires_grad)"
+        )

@@ -1,0 +1,58 @@
+"""Adapter-only Lightning checkpoints.
+
+A checkpoint of a PEFT run needs the trainable tensors, the optimizer and the loop state, not a second
+copy of the frozen base (for SmolLM2 with LoRA r=8 on q,v: about 1 MB instead of 540 MB). We get that
+with a ``state_dict`` post-hook on the LightningModule that keeps only trainable parameters, so every
+save path that goes through ``LightningModule.state_dict`` (full, weights-only, every strategy that
+asks the module) writes adapter-only weights without Lightning knowing about it.
+
+Because frozen keys are absent by design, loading runs with ``strict_loading = False``; we then check
+ourselves that every trainable tensor is in the checkpoint and that the checkpoint was made for this
+base model (a fingerprint of the frozen weights, see :mod:`lightning_peft.core.fingerprint`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
+from lightning_peft.core.injection import injected_method
+
+CHECKPOINT_KEY = "lightning_peft"
+_HOOK_FLAG = "_lightning_peft_adapter_only_hook"
+
+
+def _drop_frozen(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    keep = {prefix + name for name, param in module.named_parameters() if param.requires_grad}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
+        del state_dict[key]
+
+
+def make_state_dict_adapter_only(lightning_module: nn.Module) -> None:
+    """Make ``lightning_module.state_dict()`` hold only trainable parameters (idempotent)."""
+    if getattr(lightning_module, _HOOK_FLAG, False):
+        return
+    lightning_module.register_state_dict_post_hook(_drop_frozen)
+    object.__setattr__(lightning_module, _HOOK_FLAG, True)
+
+
+def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records about its adapters: the method config and the base's fingerprint."""
+    method = injected_method(model)
+    return {"method": method.to_dict() if method else None, "base": base_fingerprint(model)}
+
+
+def verify_checkpoint(checkpoint: dict[str, Any], lightning_module: nn.Module, model: nn.Module) -> None:
+    """Raise if ``checkpoint`` was made for another base model or lacks trainable tensors."""
+    metadata = checkpoint.get(CHECKPOINT_KEY)
+    if metadata is not None:
+        check_fingerprint(metadata["base"], model, what="checkpoint")
+    state = checkpoint.get("state_dict", {})
+    missing = [n for n, p in lightning_module.named_parameters() if p.requires_grad and n not in state]
+    if missing:
+        raise KeyError(
+            f"checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[:3]}); it was saved "
+            f"with a different adapter configuration"
+        )

@@ -1,0 +1,1 @@
+"""Machinery every PEFT method shares: finding targets, swapping modules, freezing, adapter state."""

@@ -1,0 +1,95 @@
+"""The adapter-layer protocol.
+
+Every method that changes a layer (LoRA, DoRA, (IA)3, ...) wraps the original module by composition
+and keeps it as ``self.base_layer``. That one convention answers every question the rest of the
+package asks about adapters, without sniffing parameter names:
+
+- a parameter is an *adapter* parameter iff it lives in an :class:`AdapterLayer` and not under its
+  ``base_layer`` (freezing, checkpoint filtering, export and counting all use this rule);
+- the base model's own parameter names are recovered by dropping the ``.base_layer`` segment, so a
+  fingerprint or a merged state dict of a wrapped model uses exactly the base model's keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+BASE_LAYER = "base_layer"
+
+
+class AdapterLayer(nn.Module):
+    """A module that wraps ``base_layer`` and adds trainable adapter tensors beside it.
+
+    Subclasses implement :meth:`forward`, :meth:`delta_weight` (for methods that can merge) and
+    :meth:`peft_state_dict` / :meth:`load_peft_state_dict` (the peft file-format view of their tensors).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        # Disabled adapters make the layer behave exactly like ``base_layer`` (used by the
+        # ``disable_adapters`` context manager, e.g. to measure forgetting against the base model).
+        self.disabled = False
+        self.merged = False
+
+    # -- adapter identity -------------------------------------------------------------------------
+    def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters that belong to the adapter (everything not under ``base_layer``)."""
+        for name, param in self.named_parameters():
+            if not name.startswith(BASE_LAYER + "."):
+                yield name, param
+
+    # -- merging ----------------------------------------------------------------------------------
+    @property
+    def can_merge(self) -> bool:
+        return True
+
+    def merge(self) -> None:
+        """Fold the adapter into ``base_layer.weight`` (in float32, cast back to the weight's dtype)."""
+        if self.merged:
+            return
+        self._add_to_base(self.delta_weight())
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self._add_to_base(-self.delta_weight())
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """``W_merged - W`` in the base weight's layout, float32."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer")
+
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        merged = weight.data.float() + delta.to(weight.device)
+        if not torch.isfinite(merged).all():
+            # Refuse rather than silently poison the base model: a diverged adapter shows up here.
+            raise ValueError(f"merging {type(self).__name__} would put non-finite values into the base weight")
+        weight.data.copy_(merged.to(weight.dtype))
+
+    # -- peft file format -------------------------------------------------------------------------
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """This layer's adapter tensors under the key suffixes HF peft writes (no adapter name)."""
+        raise NotImplementedError
+
+    def load_peft_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors in peft's layout into this layer; ``tensors`` has exactly the suffixes of
+        :meth:`peft_state_dict` (the caller checks for missing and unexpected keys)."""
+        raise NotImplementedError
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """All adapter layers of ``model`` with their qualified names."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def base_parameter_name(name: str) -> str:
+    """The name a parameter had in the unwrapped base model (``a.q_proj.base_layer.weight`` -> ``a.q_proj.weight``)."""
+    return name.replace("." + BASE_LAYER + ".", ".").removeprefix(BASE_LAYER + ".")

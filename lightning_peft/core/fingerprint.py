@@ -1,0 +1,77 @@
+"""A cheap fingerprint of the frozen base weights.
+
+Adapter files and checkpoints are small because they leave the base out; the price is that nothing
+stops a user from loading them onto the wrong base, where they "work" and produce garbage. The
+fingerprint records each frozen tensor's shape and the float64 sum of up to 64 evenly strided elements,
+which tells different checkpoints of the same architecture apart at a cost of microseconds per tensor.
+Sums are compared with a relative tolerance so the same weights in another dtype still match.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.core.adapter_layer import adapter_layers, base_parameter_name
+
+_SAMPLES = 64
+_RTOL = 2e-2  # bf16 rounding of 64 summed elements stays well inside this
+
+
+class BaseModelMismatchError(ValueError):
+    """The adapters were trained on a different base model than the one they are being loaded into."""
+
+
+def _sample_sum(tensor: torch.Tensor) -> float | None:
+    if tensor.is_meta or not tensor.is_floating_point():
+        return None  # quantized (integer-packed) or not yet materialised: compare shapes only
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // _SAMPLES)
+    return float(flat[::step][:_SAMPLES].double().sum())
+
+
+def _base_parameters(model: nn.Module, frozen_only: bool) -> dict[str, torch.Tensor]:
+    adapter_ids = {id(p) for _, layer in adapter_layers(model) for _, p in layer.adapter_named_parameters()}
+    return {
+        base_parameter_name(name): param
+        for name, param in model.named_parameters()
+        if id(param) not in adapter_ids and not (frozen_only and param.requires_grad)
+    }
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """``{"name_or_path": ..., "tensors": {name: [shape, sample_sum]}}`` over the frozen base parameters
+    (fully trained ``modules_to_save`` are left out: they are stored in full beside the adapters)."""
+    tensors = {name: [list(p.shape), _sample_sum(p)] for name, p in _base_parameters(model, frozen_only=True).items()}
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return {"name_or_path": name_or_path, "tensors": tensors}
+
+
+def check_fingerprint(saved: dict[str, Any], model: nn.Module, what: str = "adapter") -> None:
+    """Raise :class:`BaseModelMismatchError` naming the first differences between ``saved`` and ``model``."""
+    # Every base parameter of ``model`` counts here, frozen or not: a fresh model has nothing frozen yet.
+    current = {name: [list(p.shape), _sample_sum(p)] for name, p in _base_parameters(model, frozen_only=False).items()}
+    expected = saved.get("tensors", {})
+    problems: list[str] = []
+    missing = sorted(set(expected) - set(current))
+    if missing:
+        problems.append(f"base tensors missing from this model: {missing[:3]}")
+    for name in sorted(set(expected) & set(current)):
+        (shape_a, sum_a), (shape_b, sum_b) = expected[name], current[name]
+        if list(shape_a) != list(shape_b):
+            problems.append(f"{name} has shape {list(shape_b)}, the {what} expects {list(shape_a)}")
+        elif sum_a is not None and sum_b is not None and not math.isclose(sum_a, sum_b, rel_tol=_RTOL, abs_tol=1e-3):
+            problems.append(f"{name} holds different values (sample sum {sum_b:.6g} vs {sum_a:.6g})")
+        if len(problems) >= 3:
+            break
+    if problems:
+        source = saved.get("name_or_path")
+        raise BaseModelMismatchError(
+            f"this {what} was made for a different base model"
+            + (f" ({source!r})" if source else "")
+            + f" than the one given ({getattr(getattr(model, 'config', None), '_name_or_path', None)!r}): "
+            + "; ".join(problems)
+        )

@@ -1,0 +1,105 @@
+"""Putting a method's adapter layers into a model and freezing everything else.
+
+``apply_peft`` is the one entry point the callback, the mixin, ``load_adapter`` and checkpoint restore
+all use, so injection behaves the same whichever path a user takes. It is idempotent: a model that
+already carries this method's adapters is left as it is (Lightning calls ``setup`` once per stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers
+from lightning_peft.methods.base import PEFTMethod
+
+# Set on the model root so later calls (another stage, a checkpoint restore, an export) know which
+# method the adapters came from.
+METHOD_ATTRIBUTE = "_lightning_peft_method"
+
+
+@dataclass(frozen=True)
+class ParameterSummary:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} / {self.total:,} ({self.percent:.4f}%)"
+
+
+def injected_method(model: nn.Module) -> PEFTMethod | None:
+    return getattr(model, METHOD_ATTRIBUTE, None)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject_adapters(model: nn.Module, method: PEFTMethod) -> list[str]:
+    """Wrap every target of ``method`` in its adapter layer; returns the wrapped names."""
+    targets = method.find_targets(model)
+    for name in targets:
+        _set_submodule(model, name, method.wrap(name, model.get_submodule(name)))
+    return targets
+
+
+def freeze_base(model: nn.Module, method: PEFTMethod) -> None:
+    """Only adapter parameters and ``modules_to_save`` stay trainable."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        for _, param in layer.adapter_named_parameters():
+            param.requires_grad_(True)
+    for name in method.modules_to_save:
+        matches = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+        if not matches:
+            raise ValueError(f"modules_to_save entry {name!r} matched no module of {type(model).__name__}")
+        for module in matches:
+            for param in module.parameters():
+                param.requires_grad_(True)
+
+
+def apply_peft(model: nn.Module, method: PEFTMethod) -> list[str]:
+    """Inject ``method`` into ``model`` and freeze the base; a no-op when already applied.
+
+    Returns the names of the adapted modules. Applying a *different* method to a model that already
+    has adapters is an error rather than a silent stack of two methods.
+    """
+    current = injected_method(model)
+    if current is not None:
+        if current != method:
+            raise ValueError(f"model already has adapters from {current!r}; refusing to also inject {method!r}")
+        freeze_base(model, method)  # a stage may have unfrozen things (e.g. a user's on_fit_start)
+        return [name for name, _ in adapter_layers(model)]
+    if any(True for _ in adapter_layers(model)):
+        raise ValueError("model already contains adapter layers that were not injected by apply_peft")
+    targets = inject_adapters(model, method)
+    freeze_base(model, method)
+    object.__setattr__(model, METHOD_ATTRIBUTE, method)  # not a submodule: bypass nn.Module.__setattr__
+    return targets
+
+
+def parameter_summary(model: nn.Module) -> ParameterSummary:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return ParameterSummary(trainable, total)
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer by its ``base_layer`` (the adapters' effect is dropped unless merged)."""
+    for name, layer in list(adapter_layers(model)):
+        _set_submodule(model, name, layer.base_layer)
+    if hasattr(model, METHOD_ATTRIBUTE):
+        object.__delattr__(model, METHOD_ATTRIBUTE)
+    return model
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    return isinstance(module, AdapterLayer)

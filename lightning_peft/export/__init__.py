@@ -1,0 +1,1 @@
+"""Writing and reading adapters and merged models in the formats the ecosystem reads."""

@@ -1,0 +1,195 @@
+"""Adapters in HF peft's file format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The format is what HF peft, vLLM's multi-LoRA serving and most hubs read:
+
+- tensor keys are ``base_model.model.<module path>.<suffix>`` with peft's suffixes (``lora_A.weight``,
+  ``lora_embedding_A``, ...) and no adapter name; fully trained ``modules_to_save`` appear under their
+  plain parameter names;
+- the safetensors metadata holds ``{"format": "pt"}``; we add a fingerprint of the base weights
+  (``lightning_peft.base_fingerprint``), which peft ignores and we use to refuse a wrong base.
+
+Loading is strict where peft is lenient: a missing or unexpected tensor is an error (peft only warns
+and leaves the layer at its random init), and only safetensors are read: a pickled ``adapter_model.bin``
+can execute code on load and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_peft.core.adapter_layer import adapter_layers
+from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
+from lightning_peft.core.injection import apply_peft, injected_method
+from lightning_peft.core.model_lookup import resolve_model
+from lightning_peft.export.atomic import atomic_directory
+from lightning_peft.methods.base import PEFTMethod
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+FINGERPRINT_KEY = "lightning_peft.base_fingerprint"
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that is incomplete, corrupt, unsafe or does not fit the model."""
+
+
+def _task_type(model: nn.Module) -> str | None:
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__]
+    name = architectures[0]
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None
+
+
+def _target_modules_field(model: nn.Module, targets: list[str]) -> list[str] | str:
+    """Leaf names when they select exactly ``targets`` (what vLLM and peft expect), else an exact regex."""
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    selected = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves and ".base_layer" not in n]
+    if sorted(selected) == sorted(targets):
+        return leaves
+    return "^(?:" + "|".join(t.replace(".", r"\.") for t in targets) + ")$"
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All adapter tensors of ``model`` (a transformers model with adapters) under peft's keys."""
+    method = injected_method(model)
+    if method is None:
+        raise ValueError(f"{type(model).__name__} has no adapters (apply a method with PEFTCallback or apply_peft first)")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model):
+        for suffix, tensor in layer.peft_state_dict().items():
+            tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+    for name, param in model.named_parameters():
+        if param.requires_grad and any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in method.modules_to_save):
+            tensors[PREFIX + name] = param
+    return tensors
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the adapters of ``model`` (or of the transformers model inside a LightningModule) to ``path``.
+
+    The directory loads with ``peft.PeftModel.from_pretrained(base, path)``. The write is atomic.
+    """
+    model = resolve_model(model)
+    method = injected_method(model)
+    tensors = adapter_tensors(model)
+    targets = [name for name, _ in adapter_layers(model)]
+    config: dict[str, Any] = {
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "task_type": _task_type(model),
+        "target_modules": _target_modules_field(model, targets),
+        "modules_to_save": method.modules_to_save or None,
+        "inference_mode": True,
+        "revision": None,
+        **method.peft_config(model, targets),
+        # Ours, ignored by peft: enough to rebuild the exact method config on load.
+        "lightning_peft": method.to_dict(),
+    }
+    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(base_fingerprint(model))}
+    with atomic_directory(path) as staging:
+        # safetensors refuses shared or non-contiguous storage; adapters are tiny, so copy.
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, staging / WEIGHTS_NAME, metadata=metadata)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """(config, tensors, safetensors metadata) of an adapter directory, refusing pickles and corrupt files."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter path {str(directory)!r} is not a directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not weights_file.exists():
+        pickles = [name for name in PICKLE_NAMES if (directory / name).exists()]
+        if pickles:
+            raise AdapterFileError(
+                f"{directory / pickles[0]} is a pickle, which can run arbitrary code when loaded; lightning_peft "
+                f"reads only {WEIGHTS_NAME}. Convert it once in a trusted environment: "
+                f"safetensors.torch.save_file(torch.load(f, weights_only=True), '{WEIGHTS_NAME}')"
+            )
+        raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}")
+    if not config_file.exists():
+        raise AdapterFileError(f"{directory} has no {CONFIG_NAME}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{config_file} is not valid JSON: {err}") from err
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights_file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{weights_file} is not a valid safetensors file ({err}); it may be corrupt or a renamed pickle") from err
+    return config, tensors, metadata
+
+
+def method_from_adapter_config(config: dict[str, Any]) -> PEFTMethod:
+    from lightning_peft.methods.base import method_from_dict
+    from lightning_peft.methods.registry import method_for_peft_type
+
+    if "lightning_peft" in config:
+        return method_from_dict(config["lightning_peft"])
+    return method_for_peft_type(config.get("peft_type")).from_peft_config(config)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter directory (ours or HF peft's) into ``model``; returns the model.
+
+    A model without adapters gets them injected from the file's config first. Every tensor must be
+    present and of the right shape, and the base must match the fingerprint when the file has one.
+    """
+    model = resolve_model(model)
+    config, tensors, metadata = read_adapter_dir(path)
+    if FINGERPRINT_KEY in metadata:
+        check_fingerprint(json.loads(metadata[FINGERPRINT_KEY]), model, what=f"adapter in {path}")
+    method = injected_method(model) or method_from_adapter_config(config)
+    apply_peft(model, method)
+    expected = adapter_tensors(model)
+    layers = dict(adapter_layers(model))
+    # peft writes the full embedding matrix beside embedding adapters (``save_embedding_layers``, for
+    # resized vocabularies); it is part of the base, so it is loaded into the base weight as peft does.
+    embedding_bases = {
+        f"{PREFIX}{name}.base_layer.weight": layer.base_layer.weight
+        for name, layer in layers.items()
+        if isinstance(layer.base_layer, nn.Embedding) and f"{PREFIX}{name}.base_layer.weight" in tensors
+    }
+    expected.update(embedding_bases)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(
+            f"adapter in {path} does not fit {type(model).__name__}: "
+            + (f"{len(missing)} tensors missing (e.g. {missing[:3]}) " if missing else "")
+            + (f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})" if unexpected else "")
+        )
+    wrong_shape = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong_shape:
+        key, got, want = wrong_shape[0]
+        raise AdapterFileError(f"adapter in {path}: tensor {key} has shape {got}, the model needs {want} ({len(wrong_shape)} tensors differ)")
+    with torch.no_grad():
+        for key, weight in embedding_bases.items():
+            weight.copy_(tensors[key].to(weight.dtype))
+        for name, layer in layers.items():
+            layer.load_peft_state_dict({s: tensors[f"{PREFIX}{name}.{s}"] for s in layer.peft_state_dict()})
+        params = dict(model.named_parameters())
+        for key in expected:
+            name = key[len(PREFIX):]
+            if name in params and not any(name.startswith(layer + ".") for layer in layers):
+                params[name].copy_(tensors[key].to(params[name].dtype))
+    return model

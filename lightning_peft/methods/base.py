@@ -1,0 +1,101 @@
+"""What every PEFT method provides to the shared machinery.
+
+A method is a plain class with a typed ``__init__`` (so LightningCLI/jsonargparse can build it from YAML
+by ``class_path``) whose every argument is stored under the same attribute name. That convention makes
+the config serialisable (:meth:`PEFTMethod.to_dict`, stored in checkpoints so ``load_from_checkpoint`` can
+rebuild the adapters) without a second, hand-kept list of fields.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_peft.core.adapter_layer import AdapterLayer
+from lightning_peft.core.targets import TargetSpec, find_targets
+
+
+class PEFTMethod:
+    """Base class of method configs.
+
+    Args:
+        target_modules: module names (suffix match), a full-name regex, ``"all-linear"``, or ``None`` for
+            the per-architecture defaults.
+        exclude_modules: names or a regex removed from the targets.
+        modules_to_save: modules trained in full beside the adapters (e.g. a new classifier head); they
+            are exported as whole tensors.
+    """
+
+    #: Short name used in logs and errors.
+    name = "adapter"
+    #: What :meth:`supports` accepts, for error messages.
+    supported_description = "nn.Linear"
+
+    def __init__(
+        self,
+        target_modules: TargetSpec = None,
+        exclude_modules: TargetSpec = None,
+        modules_to_save: Sequence[str] | None = None,
+    ) -> None:
+        self.target_modules = list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
+        self.exclude_modules = list(exclude_modules) if isinstance(exclude_modules, (list, tuple)) else exclude_modules
+        self.modules_to_save = list(modules_to_save) if modules_to_save else []
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules=[] selects nothing; give names, a regex, 'all-linear' or None")
+
+    # -- what a method implements -----------------------------------------------------------------
+    def supports(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def wrap(self, name: str, module: nn.Module) -> AdapterLayer:
+        """Return the adapter layer that replaces ``module`` (named ``name`` in the model)."""
+        raise NotImplementedError
+
+    def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
+        """The ``adapter_config.json`` fields specific to this method, or raise if peft has no such format."""
+        raise NotImplementedError(f"{type(self).__name__} has no HF peft file format")
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> PEFTMethod:
+        raise NotImplementedError
+
+    # -- shared behaviour -------------------------------------------------------------------------
+    def find_targets(self, model: nn.Module) -> list[str]:
+        return find_targets(
+            model,
+            self.target_modules,
+            self.exclude_modules,
+            supports=self.supports,
+            method_name=type(self).__name__,
+            supported_description=self.supported_description,
+        )
+
+    def init_args(self) -> dict[str, Any]:
+        params = inspect.signature(type(self).__init__).parameters
+        return {k: getattr(self, k) for k in params if k != "self" and params[k].kind is not inspect.Parameter.VAR_KEYWORD}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": self.init_args()}
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.init_args() == other.init_args()  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        return hash(type(self).__qualname__)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
+        return f"{type(self).__name__}({args})"
+
+
+def method_from_dict(data: dict[str, Any]) -> PEFTMethod:
+    """Rebuild a method from :meth:`PEFTMethod.to_dict` output (only classes deriving from PEFTMethod)."""
+    module_name, _, class_name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PEFTMethod)):
+        raise ValueError(f"{data['class_path']!r} is not a lightning_peft method class")
+    return cls(**data.get("init_args", {}))

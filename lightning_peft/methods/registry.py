@@ -1,0 +1,14 @@
+"""Which of our methods reads an adapter file of a given HF peft ``peft_type``."""
+
+from __future__ import annotations
+
+from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.lora import LoRA
+
+PEFT_TYPES: dict[str, type[PEFTMethod]] = {"LORA": LoRA}
+
+
+def method_for_peft_type(peft_type: str | None) -> type[PEFTMethod]:
+    if peft_type not in PEFT_TYPES:
+        raise ValueError(f"unsupported adapter peft_type {peft_type!r}; this version reads {sorted(PEFT_TYPES)}")
+    return PEFT_TYPES[peft_type]
