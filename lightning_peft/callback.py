@@ -6,23 +6,27 @@ So at ``setup`` we inject the adapters and freeze the base; everything after see
 When the module builds its model in ``configure_model`` (:class:`~lightning_peft.PEFTMixin`), the model
 does not exist yet at ``setup``: the callback hands the method to the mixin, which injects right after
 building and before the user's sharding.
+
+With ``quantization=Quantization(...)`` the base is quantized in place first (QLoRA: the frozen
+linear layers become bitsandbytes 4-bit or 8-bit layers, the adapters wrap them and stay float32).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_peft.checkpointing import CHECKPOINT_KEY, checkpoint_metadata, make_state_dict_adapter_only, verify_checkpoint
+from lightning_peft.checkpointing import attach_checkpoint_hooks, make_state_dict_adapter_only
 from lightning_peft.core.injection import apply_peft, parameter_summary
 from lightning_peft.core.model_lookup import find_model
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.mixin import PEFTMixin
+from lightning_peft.quantization.config import Quantization
 
 ExportWhen = Literal["fit_end", "checkpoint", "both"]
 
@@ -38,11 +42,16 @@ class PEFTCallback(Callback):
             exported when ``None``.
         export_on: ``"fit_end"``, ``"checkpoint"`` (``<export_dir>/step-<N>/``) or ``"both"``.
         export_merged: also write the merged model in transformers ``save_pretrained`` format
-            (``<export_dir>/merged``), made from the base weights plus the adapters' deltas.
+            (``<export_dir>/merged``), made from the base weights plus the adapters' deltas. With a
+            quantized base, from the original weights re-read from the checkpoint, in 16 bits.
+        quantization: quantize the base model in place at ``setup``, before injection (QLoRA), e.g.
+            ``Quantization(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")``. Every
+            ``nn.Linear`` except the output head and ``skip_modules`` is converted; norms go to float32.
 
     Example::
 
         trainer = L.Trainer(callbacks=[PEFTCallback(LoRA(r=8, target_modules=["q_proj", "v_proj"]))])
+        qlora = PEFTCallback(LoRA(r=16, target_modules="all-linear"), quantization=Quantization(bits=4))
     """
 
     def __init__(
@@ -52,20 +61,40 @@ class PEFTCallback(Callback):
         export_dir: str | None = None,
         export_on: ExportWhen = "fit_end",
         export_merged: bool = False,
+        quantization: Optional[Quantization] = None,
     ) -> None:
         if not isinstance(method, PEFTMethod):
             raise TypeError(f"method must be a lightning_peft method such as LoRA(...), got {type(method).__name__}")
         if export_on not in ("fit_end", "checkpoint", "both"):
             raise ValueError(f"export_on={export_on!r}; choose 'fit_end', 'checkpoint' or 'both'")
+        if quantization is not None and not isinstance(quantization, Quantization):
+            raise TypeError(f"quantization must be a lightning_peft.Quantization(...), got {type(quantization).__name__}")
         self.method = method
         self.model_attr = model_attr
         self.export_dir = export_dir
         self.export_on = export_on
         self.export_merged = export_merged
+        self.quantization = quantization
 
     # -- injection --------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.export_dir and self.export_on in ("checkpoint", "both"):
+            # Lightning skips Callback.on_save_checkpoint for weights-only saves: those steps would
+            # silently get no export.
+            weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
+            if weights_only:
+                raise ValueError(
+                    f"export_on={self.export_on!r} exports when a checkpoint is saved, but Lightning does not call "
+                    f"callbacks for weights-only checkpoints ({type(weights_only[0]).__name__}(save_weights_only=True)). "
+                    f"Use save_weights_only=False (adapter-only checkpoints are small anyway) or export_on='fit_end'"
+                )
+        if self.quantization is not None:
+            from lightning_peft.quantization.prepare import check_trainer_compatibility
+
+            check_trainer_compatibility(trainer, self.quantization)
         if isinstance(pl_module, PEFTMixin):
+            if self.quantization is not None:
+                pl_module.use_quantization(self.quantization, trainer.strategy.root_device)
             pl_module.use_peft_method(self.method)  # injects now, or in configure_model once built
             return
         model = find_model(pl_module, self.model_attr)
@@ -74,26 +103,34 @@ class PEFTCallback(Callback):
                 f"PEFTCallback found no model in {type(pl_module).__name__} at setup; build it in __init__, "
                 f"or build it in configure_model and inherit lightning_peft.PEFTMixin"
             )
+        if self.quantization is not None:
+            quantize_for_training(model, self.quantization, trainer.strategy.root_device)
+            if self.export_merged:
+                check_merged_export_possible(model)
         targets = apply_peft(model, self.method)
         make_state_dict_adapter_only(pl_module)
         pl_module.strict_loading = False  # frozen keys are absent by design; verify_checkpoint checks the rest
+        # Metadata on save and verification on load go through the module's own hooks, which run for
+        # weights-only checkpoints too and before the weights are loaded (see checkpointing.py).
+        attach_checkpoint_hooks(pl_module, self.model_attr)
         rank_zero_info(f"lightning_peft: {type(self.method).__name__} on {len(targets)} modules; {parameter_summary(pl_module)}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_optimizers_cover_trainable(trainer, pl_module)
+        if self.export_merged and isinstance(pl_module, PEFTMixin) and pl_module.peft_model is not None:
+            check_merged_export_possible(pl_module.peft_model)  # the model exists now; fail before training
 
     # -- checkpoints ------------------------------------------------------------------------------
+    # Checkpoint metadata and verification are not done here: Callback hooks miss weights-only saves and
+    # run after the weights are loaded. PEFTMixin does both in its module hooks, and setup() installs the
+    # same on other modules (checkpointing.attach_checkpoint_hooks).
     def _model(self, pl_module: pl.LightningModule) -> Any:
         attribute = self.model_attr or getattr(pl_module, "peft_model_attr", None)
         return find_model(pl_module, attribute)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(self._model(pl_module))
         if self.export_dir and self.export_on in ("checkpoint", "both"):
             self._export(trainer, pl_module, Path(self.export_dir) / f"step-{trainer.global_step}")
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        verify_checkpoint(checkpoint, pl_module, self._model(pl_module))
 
     # -- export -----------------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -114,6 +151,29 @@ class PEFTCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method.to_dict()}
+
+
+def quantize_for_training(model: Any, quantization: Quantization, device: Any) -> None:
+    """Quantize ``model`` in place (idempotent) and prepare it for k-bit training (norms in float32)."""
+    from lightning_peft.quantization.prepare import prepare_model_for_kbit_training
+    from lightning_peft.quantization.replace import quantize_model
+
+    names = quantize_model(model, quantization, device=device)
+    prepare_model_for_kbit_training(model)
+    rank_zero_info(f"lightning_peft: {len(names)} linear layers quantized to {quantization.describe()}")
+
+
+def check_merged_export_possible(model: Any) -> None:
+    """A merged export of a k-bit model needs its original checkpoint: fail at setup, not after training."""
+    from lightning_peft.export.from_source import QuantizedExportError, resolve_export_source
+    from lightning_peft.quantization.replace import is_quantized_linear
+
+    if any(is_quantized_linear(m) for m in model.modules()) and resolve_export_source(model, None) is None:
+        raise QuantizedExportError(
+            "export_merged=True with a quantized base needs the original weights, but the checkpoint this model was "
+            f"loaded from is unknown (config._name_or_path={getattr(getattr(model, 'config', None), '_name_or_path', None)!r} "
+            "is no local directory). Load the model from a local safetensors directory, or export the adapter only"
+        )
 
 
 def check_optimizers_cover_trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -19,6 +19,8 @@ from torch import nn
 
 from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
 from lightning_peft.core.injection import injected_method
+from lightning_peft.core.model_lookup import find_model
+from lightning_peft.methods.base import method_from_dict
 
 CHECKPOINT_KEY = "lightning_peft"
 _HOOK_FLAG = "_lightning_peft_adapter_only_hook"
@@ -49,6 +51,13 @@ def verify_checkpoint(checkpoint: dict[str, Any], lightning_module: nn.Module, m
     metadata = checkpoint.get(CHECKPOINT_KEY)
     if metadata is not None:
         check_fingerprint(metadata["base"], model, what="checkpoint")
+        # Another config is not always a shape error: a different alpha loads and trains at another scale,
+        # and fewer targets silently drop trained adapters (their keys are merely "unexpected").
+        # Compared as rebuilt methods, so an argument added later with a default still matches old checkpoints.
+        current = injected_method(model)
+        saved = method_from_dict(metadata["method"]) if metadata.get("method") else None
+        if saved is not None and current is not None and saved != current:
+            raise ValueError(f"checkpoint was trained with {saved!r} but this model has {current!r}; resume or load it with the same method config")
     state = checkpoint.get("state_dict", {})
     missing = [n for n, p in lightning_module.named_parameters() if p.requires_grad and n not in state]
     if missing:
@@ -56,3 +65,40 @@ def verify_checkpoint(checkpoint: dict[str, Any], lightning_module: nn.Module, m
             f"checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[:3]}); it was saved "
             f"with a different adapter configuration"
         )
+
+
+# -- checkpoint hooks for LightningModules that are not a PEFTMixin (the PEFTCallback path) -----------
+# A Callback's own on_save_checkpoint is skipped for weights-only saves, and its on_load_checkpoint runs
+# after the weights were loaded, and not at all when the checkpoint has no "callbacks" key (weights-only
+# checkpoints, e.g. in ``trainer.test(ckpt_path=...)``). The LightningModule's hooks have neither gap, so
+# the callback installs its metadata writer and its check there, on the instance (what PEFTMixin does
+# in its class). A weights-only checkpoint then still carries the fingerprint, and a wrong base, a
+# different hidden size or a missing adapter tensor is refused before any weight is copied.
+_MODULE_HOOKS_FLAG = "_lightning_peft_checkpoint_hooks"
+
+
+class _ModuleCheckpointHook:
+    """``lightning_module.<name>`` replaced on the instance: the class's hook (the user's override or
+    Lightning's no-op) first, then ours. A class rather than a closure so the module still pickles."""
+
+    def __init__(self, lightning_module: nn.Module, name: str, model_attr: str | None) -> None:
+        self.lightning_module = lightning_module
+        self.name = name
+        self.model_attr = model_attr
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        getattr(type(self.lightning_module), self.name)(self.lightning_module, checkpoint)
+        model = find_model(self.lightning_module, self.model_attr)
+        if self.name == "on_save_checkpoint":
+            checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(model)
+        else:
+            verify_checkpoint(checkpoint, self.lightning_module, model)
+
+
+def attach_checkpoint_hooks(lightning_module: nn.Module, model_attr: str | None) -> None:
+    """Write adapter metadata on every save and verify every load before the weights (idempotent)."""
+    if getattr(lightning_module, _MODULE_HOOKS_FLAG, False):
+        return
+    for name in ("on_save_checkpoint", "on_load_checkpoint"):
+        object.__setattr__(lightning_module, name, _ModuleCheckpointHook(lightning_module, name, model_attr))
+    object.__setattr__(lightning_module, _MODULE_HOOKS_FLAG, True)

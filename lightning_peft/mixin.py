@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_peft.checkpointing import CHECKPOINT_KEY, checkpoint_metadata, make_state_dict_adapter_only, verify_checkpoint
@@ -42,6 +42,9 @@ class PEFTMixin:
     peft_model_attr: str = "model"
     #: The method to inject; set it in ``__init__`` or let ``PEFTCallback`` set it.
     peft_method: PEFTMethod | None = None
+    #: Quantize the base in place before injection (set by ``PEFTCallback(quantization=...)``).
+    peft_quantization: Any = None
+    _peft_quantization_device: Any = None
     _peft_parallelized = False
 
     # -- hooks for the user -----------------------------------------------------------------------
@@ -78,10 +81,21 @@ class PEFTMixin:
                 )
             self._apply_peft_method()
 
+    def use_quantization(self, quantization: Any, device: Any = None) -> None:
+        """Quantize the base before injection (called by ``PEFTCallback.setup`` before :meth:`use_peft_method`)."""
+        if self.peft_quantization is not None and self.peft_quantization != quantization:
+            raise ValueError(f"{type(self).__name__} already uses {self.peft_quantization}; PEFTCallback asks for {quantization}")
+        self.peft_quantization = quantization
+        self._peft_quantization_device = device
+
     def _apply_peft_method(self) -> None:
         if self.peft_method is None:
             return
         first_time = injected_method(self.peft_model) is None
+        if first_time and self.peft_quantization is not None:
+            from lightning_peft.callback import quantize_for_training
+
+            quantize_for_training(self.peft_model, self.peft_quantization, self._peft_quantization_device)
         targets = apply_peft(self.peft_model, self.peft_method)
         make_state_dict_adapter_only(self)  # type: ignore[arg-type]
         if first_time:
@@ -105,10 +119,30 @@ class PEFTMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         metadata = checkpoint.get(CHECKPOINT_KEY)
-        if metadata is None or self.peft_model is None:
+        if self.peft_model is None:
             return
-        if injected_method(self.peft_model) is None and metadata.get("method"):
+        # No metadata (e.g. a full fine-tune's checkpoint) still goes through verify_checkpoint: with
+        # strict_loading off, it is what refuses a checkpoint that lacks this model's adapter tensors.
+        if metadata and injected_method(self.peft_model) is None and metadata.get("method"):
             # load_from_checkpoint: the method came from a PEFTCallback that is not here now.
             self.peft_method = method_from_dict(metadata["method"])
+            if self._peft_parallelized and type(self).parallelize is not PEFTMixin.parallelize:
+                # load_from_checkpoint ran configure_model (and so parallelize) before this hook could say
+                # which method to inject. Harmless for a parallelize that is a no-op outside a Trainer
+                # (no device mesh); say so rather than silently leave adapters outside the sharding.
+                rank_zero_warn(
+                    f"{type(self).__name__}: injecting {type(self.peft_method).__name__} from the checkpoint after "
+                    f"parallelize() already ran (the method came from a PEFTCallback). If parallelize sharded or "
+                    f"compiled the model, set peft_method in __init__ so configure_model injects first."
+                )
             self._apply_peft_method()
         verify_checkpoint(checkpoint, self, self.peft_model)  # type: ignore[arg-type]
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load as usual, but leave the frozen base out of ``missing_keys``: it is absent from adapter-only
+        checkpoints by design, and reporting every frozen key buries any real problem (verify_checkpoint
+        has already checked that every trainable tensor is there)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+        frozen = {name for name, param in self.named_parameters() if not param.requires_grad}  # type: ignore[attr-defined]
+        result.missing_keys[:] = [key for key in result.missing_keys if key not in frozen]
+        return result

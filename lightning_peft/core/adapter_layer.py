@@ -66,6 +66,13 @@ class AdapterLayer(nn.Module):
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight
+        if not weight.is_floating_point() or getattr(weight, "quant_state", None) is not None:
+            # k-bit (bitsandbytes) weights hold packed codes: adding floats to them would corrupt them. Merging
+            # needs a requantization, which merge_adapters(model, requantize=True) does on explicit request.
+            raise ValueError(
+                f"cannot add the adapter of {type(self).__name__} to its k-bit {type(self.base_layer).__name__} weight; "
+                f"use merge_adapters(model, requantize=True) or export merged 16-bit weights with save_merged"
+            )
         merged = weight.data.float() + delta.to(weight.device)
         if not torch.isfinite(merged).all():
             # Refuse rather than silently poison the base model: a diverged adapter shows up here.

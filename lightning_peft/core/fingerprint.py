@@ -25,12 +25,22 @@ class BaseModelMismatchError(ValueError):
     """The adapters were trained on a different base model than the one they are being loaded into."""
 
 
+def _logical_shape(tensor: torch.Tensor) -> list[int]:
+    """The shape the weight has unquantized: a bitsandbytes 4-bit weight is stored packed, (n/2, 1)."""
+    quant_state = getattr(tensor, "quant_state", None)
+    return list(quant_state.shape) if quant_state is not None else list(tensor.shape)
+
+
 def _sample_sum(tensor: torch.Tensor) -> float | None:
+    if getattr(tensor, "quant_state", None) is not None:
+        return None  # 4-bit codes (possibly stored in a float dtype): compare shapes only
     if tensor.is_meta or not tensor.is_floating_point():
         return None  # quantized (integer-packed) or not yet materialised: compare shapes only
     flat = tensor.detach().reshape(-1)
     step = max(1, flat.numel() // _SAMPLES)
-    return float(flat[::step][:_SAMPLES].double().sum())
+    # Sum of absolute values: a plain sum of mixed-sign weights can cancel to near zero, where any
+    # relative tolerance turns into noise.
+    return float(flat[::step][:_SAMPLES].double().abs().sum())
 
 
 def _base_parameters(model: nn.Module, frozen_only: bool) -> dict[str, torch.Tensor]:
@@ -45,7 +55,15 @@ def _base_parameters(model: nn.Module, frozen_only: bool) -> dict[str, torch.Ten
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """``{"name_or_path": ..., "tensors": {name: [shape, sample_sum]}}`` over the frozen base parameters
     (fully trained ``modules_to_save`` are left out: they are stored in full beside the adapters)."""
-    tensors = {name: [list(p.shape), _sample_sum(p)] for name, p in _base_parameters(model, frozen_only=True).items()}
+    # A merged layer's base weight holds W + delta: fingerprint the W the adapter belongs to, or an adapter
+    # saved from a merged model (merge_adapters(unload=False)) would be refused by its own base.
+    merged = {f"{name}.weight": layer for name, layer in adapter_layers(model) if layer.merged}
+    tensors = {}
+    for name, p in _base_parameters(model, frozen_only=True).items():
+        if name in merged and p.is_floating_point() and getattr(p, "quant_state", None) is None:  # k-bit: shape only
+            with torch.no_grad():
+                p = p.float() - merged[name].delta_weight().to(p.device)
+        tensors[name] = [_logical_shape(p), _sample_sum(p)]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     return {"name_or_path": name_or_path, "tensors": tensors}
 
@@ -53,7 +71,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
 def check_fingerprint(saved: dict[str, Any], model: nn.Module, what: str = "adapter") -> None:
     """Raise :class:`BaseModelMismatchError` naming the first differences between ``saved`` and ``model``."""
     # Every base parameter of ``model`` counts here, frozen or not: a fresh model has nothing frozen yet.
-    current = {name: [list(p.shape), _sample_sum(p)] for name, p in _base_parameters(model, frozen_only=False).items()}
+    current = {name: [_logical_shape(p), _sample_sum(p)] for name, p in _base_parameters(model, frozen_only=False).items()}
     expected = saved.get("tensors", {})
     problems: list[str] = []
     missing = sorted(set(expected) - set(current))

@@ -86,9 +86,15 @@ def apply_peft(model: nn.Module, method: PEFTMethod) -> list[str]:
     return targets
 
 
+def _numel(param: nn.Parameter) -> int:
+    # A bitsandbytes 4-bit weight is stored packed (two codes per byte): count the weights it stands for.
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()
+
+
 def parameter_summary(model: nn.Module) -> ParameterSummary:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     return ParameterSummary(trainable, total)
 
 

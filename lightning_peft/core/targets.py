@@ -91,8 +91,9 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
-def _candidate_summary(names: Sequence[str], limit: int = 25) -> str:
-    leaves = sorted({name.split(".")[-1] for name in names if name})
+def _candidate_summary(names: Sequence[str], modules: dict[str, nn.Module], supports: Callable[[nn.Module], bool], limit: int = 25) -> str:
+    """Leaf names of the modules the method could wrap (containers like ``self_attn`` are no help)."""
+    leaves = sorted({name.split(".")[-1] for name in names if name and supports(modules[name])})
     shown = ", ".join(leaves[:limit])
     return shown + (f", ... ({len(leaves) - limit} more)" if len(leaves) > limit else "")
 
@@ -140,13 +141,13 @@ def find_targets(
             if unmatched:
                 raise ValueError(
                     f"target_modules entries {unmatched} matched no module of {type(model).__name__}. "
-                    f"Module names that could be targets: {_candidate_summary(all_names)}"
+                    f"Module names that could be targets: {_candidate_summary(all_names, modules, supports)}"
                 )
         elif not selected:
             raise ValueError(
                 f"target_modules regex {spec!r} matched no module of {type(model).__name__} (it must match the "
                 f"whole qualified name, e.g. 'model.layers.0.self_attn.q_proj'). Module names that could be "
-                f"targets: {_candidate_summary(all_names)}"
+                f"targets: {_candidate_summary(all_names, modules, supports)}"
             )
         unsupported = [n for n in selected if not supports(modules[n])]
         if unsupported:
@@ -155,7 +156,7 @@ def find_targets(
             raise ValueError(
                 f"{method_name} cannot wrap {unsupported[:5]}{' ...' if len(unsupported) > 5 else ''} of type "
                 f"{', '.join(kinds)}; it supports {supported_description}. Name the layers inside instead "
-                f"(candidates: {_candidate_summary(all_names)})."
+                f"(candidates: {_candidate_summary(all_names, modules, supports)})."
             )
 
     if exclude_modules:

@@ -26,9 +26,19 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     backup = None
-    if target.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, backup / target.name)
-    os.replace(staging, target)
+    try:
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, backup / target.name)
+        os.replace(staging, target)
+    except BaseException:
+        # The swap itself failed (e.g. a permission or cross-device error): put the old directory back
+        # and clean up, so a failed save still leaves exactly what was there before.
+        if backup is not None and (backup / target.name).exists() and not target.exists():
+            os.replace(backup / target.name, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+        raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)

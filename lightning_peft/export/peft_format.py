@@ -29,6 +29,7 @@ from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
 from lightning_peft.core.injection import apply_peft, injected_method
 from lightning_peft.core.model_lookup import resolve_model
+from lightning_peft.core.targets import _matches, _name_matches, find_targets
 from lightning_peft.export.atomic import atomic_directory
 from lightning_peft.methods.base import PEFTMethod
 
@@ -37,6 +38,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 FINGERPRINT_KEY = "lightning_peft.base_fingerprint"
+METHOD_KEY = "lightning_peft.method"
 
 
 class AdapterFileError(ValueError):
@@ -96,10 +98,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "inference_mode": True,
         "revision": None,
         **method.peft_config(model, targets),
-        # Ours, ignored by peft: enough to rebuild the exact method config on load.
-        "lightning_peft": method.to_dict(),
     }
-    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(base_fingerprint(model))}
+    # Ours, beside peft's fields and ignored by peft: the exact method config (peft warns about unknown
+    # keys in adapter_config.json, so it lives in the safetensors header) and the base fingerprint.
+    metadata = {
+        "format": "pt",
+        METHOD_KEY: json.dumps(method.to_dict()),
+        FINGERPRINT_KEY: json.dumps(base_fingerprint(model)),
+    }
     with atomic_directory(path) as staging:
         # safetensors refuses shared or non-contiguous storage; adapters are tiny, so copy.
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, staging / WEIGHTS_NAME, metadata=metadata)
@@ -139,13 +145,46 @@ def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return config, tensors, metadata
 
 
-def method_from_adapter_config(config: dict[str, Any]) -> PEFTMethod:
+def method_from_adapter_config(config: dict[str, Any], model: nn.Module | None = None, metadata: dict[str, str] | None = None) -> PEFTMethod:
+    """Our exact method config when the file carries it, else the method peft's ``peft_type`` maps to."""
     from lightning_peft.methods.base import method_from_dict
     from lightning_peft.methods.registry import method_for_peft_type
 
-    if "lightning_peft" in config:
-        return method_from_dict(config["lightning_peft"])
+    if metadata and METHOD_KEY in metadata:
+        return method_from_dict(json.loads(metadata[METHOD_KEY]))
+    if model is not None:
+        config = _prune_peft_names(config, model)
     return method_for_peft_type(config.get("peft_type")).from_peft_config(config)
+
+
+def _prune_peft_names(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Drop the names in a peft-written config that match nothing in ``model``, as peft itself does.
+
+    Our own configs treat such a name as a typo and refuse it; peft's are lenient and its files rely on
+    that: it adds both "classifier" and "score" to ``modules_to_save`` of every SEQ_CLS adapter whichever
+    head the model has, keeps ``exclude_modules`` entries that exclude nothing, and accepts a
+    ``target_modules`` list of which only some entries match. Nothing is lost by pruning: the loader still
+    checks that every tensor in the file has a place in the model and every adapter a tensor.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    config = dict(config)
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        config["target_modules"] = [t for t in targets if any(_name_matches(n, t) for n in names)] or targets
+    if config.get("modules_to_save"):
+        kept = [m for m in config["modules_to_save"] if any(_name_matches(n, m) for n in names)]
+        config["modules_to_save"] = list(dict.fromkeys(kept)) or None
+    exclude = config.get("exclude_modules")
+    if exclude:
+        try:
+            selected = find_targets(model, config.get("target_modules"), supports=lambda module: True)
+        except ValueError:
+            return config  # let the method report the bad targets
+        if isinstance(exclude, str):
+            config["exclude_modules"] = exclude if any(_matches(n, exclude) for n in selected) else None
+        else:
+            config["exclude_modules"] = [e for e in exclude if any(_name_matches(n, e) for n in selected)] or None
+    return config
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -158,16 +197,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config, tensors, metadata = read_adapter_dir(path)
     if FINGERPRINT_KEY in metadata:
         check_fingerprint(json.loads(metadata[FINGERPRINT_KEY]), model, what=f"adapter in {path}")
-    method = injected_method(model) or method_from_adapter_config(config)
+    method = injected_method(model) or method_from_adapter_config(config, model, metadata)
     apply_peft(model, method)
     expected = adapter_tensors(model)
     layers = dict(adapter_layers(model))
-    # peft writes the full embedding matrix beside embedding adapters (``save_embedding_layers``, for
-    # resized vocabularies); it is part of the base, so it is loaded into the base weight as peft does.
+    # peft writes the full input/output embedding matrix beside adapters on ``embed_tokens`` or
+    # ``lm_head`` (``save_embedding_layers``, for resized vocabularies); it is part of the base, so it is
+    # loaded into the base weight as peft does. ``lm_head`` is an nn.Linear, so go by the model's own
+    # embedding accessors rather than by layer type.
+    embedding_modules = [
+        getter() for getter in (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)) if callable(getter)
+    ]
     embedding_bases = {
         f"{PREFIX}{name}.base_layer.weight": layer.base_layer.weight
         for name, layer in layers.items()
-        if isinstance(layer.base_layer, nn.Embedding) and f"{PREFIX}{name}.base_layer.weight" in tensors
+        if (isinstance(layer.base_layer, nn.Embedding) or any(m is layer or m is layer.base_layer for m in embedding_modules))
+        and f"{PREFIX}{name}.base_layer.weight" in tensors
     }
     expected.update(embedding_bases)
     missing = sorted(set(expected) - set(tensors))

@@ -102,6 +102,9 @@ class LoRA(PEFTMethod):
         from transformers.pytorch_utils import Conv1D
 
         modules = dict(model.named_modules())
+        # ``targets`` are already wrapped when this runs (save_adapter): look at the layer inside the wrapper,
+        # or every Conv1D model would be written with fan_in_fan_out=false.
+        layers = [getattr(modules[t], "base_layer", modules[t]) for t in targets]
         return {
             "peft_type": "LORA",
             "r": self.r,
@@ -111,7 +114,7 @@ class LoRA(PEFTMethod):
             "use_dora": False,
             "bias": "none",
             # peft transposes Conv1D deltas when this is set; it must reflect the targets' layout.
-            "fan_in_fan_out": any(isinstance(modules[t], Conv1D) for t in targets),
+            "fan_in_fan_out": any(isinstance(layer, Conv1D) for layer in layers),
             "init_lora_weights": True if self.init == "kaiming" else "gaussian",
         }
 
@@ -119,6 +122,14 @@ class LoRA(PEFTMethod):
     def from_peft_config(cls, config: dict[str, Any]) -> LoRA:
         if config.get("use_dora"):
             raise ValueError("this adapter uses DoRA (use_dora=true); load it with the DoRA method")
+        # peft options this LoRA does not implement. Ignoring them would load without complaint and give
+        # wrong outputs (alpha_pattern changes only the scale) or fail later with a confusing shape error.
+        unsupported = {key: config[key] for key in _UNSUPPORTED_PEFT_FIELDS if config.get(key)}
+        if config.get("bias") not in (None, "none"):
+            unsupported["bias"] = config["bias"]
+        if unsupported:
+            fields = ", ".join(f"{key}={value!r}" for key, value in unsupported.items())
+            raise ValueError(f"this adapter uses peft options lightning_peft's LoRA does not support: {fields}")
         init = config.get("init_lora_weights", True)
         return cls(
             r=int(config["r"]),
@@ -130,6 +141,26 @@ class LoRA(PEFTMethod):
             rslora=bool(config.get("use_rslora", False)),
             init="gaussian" if init == "gaussian" else "kaiming",
         )
+
+
+# adapter_config.json fields (peft 0.21) that change which layers are adapted, their rank or scale, the
+# forward pass, or add tensors; any of them set (truthy) means this LoRA would not reproduce the adapter.
+_UNSUPPORTED_PEFT_FIELDS = (
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "lora_bias",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+    "megatron_config",
+)
 
 
 def _layer_shape(base: nn.Module) -> tuple[Literal["linear", "conv1d", "embedding"], int, int]:

@@ -1,0 +1,177 @@
+"""Quantizing a loaded model in place: every ``nn.Linear`` except the output head becomes a
+bitsandbytes ``Linear4bit`` (NF4/FP4, QLoRA arXiv:2305.14314) or ``Linear8bitLt`` (LLM.int8).
+
+Layers are converted one at a time and the full-precision weight is dropped as soon as its quantized
+copy exists, so the peak is the model plus one layer, not two models. The output head stays in full
+precision, as in QLoRA: it maps to the vocabulary (or the labels), is often tied to the input
+embeddings, and quantizing it costs the most quality per byte saved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_peft.core.adapter_layer import adapter_layers
+from lightning_peft.core.injection import _set_submodule
+from lightning_peft.core.targets import _name_matches, output_head_names
+from lightning_peft.quantization.backend import check_backend, import_bitsandbytes
+from lightning_peft.quantization.config import Quantization
+from lightning_peft.quantization.record import (
+    OriginalWeight,
+    QuantizationRecord,
+    quantization_record,
+    set_quantization_record,
+    source_of,
+)
+
+
+def quantized_types() -> tuple[type, ...]:
+    """bitsandbytes' k-bit linear classes, or ``()`` when bitsandbytes is unavailable."""
+    try:
+        import bitsandbytes as bnb
+
+        return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except Exception:  # noqa: BLE001 - without bitsandbytes nothing can be quantized
+        return ()
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    types = quantized_types()
+    return bool(types) and isinstance(module, types)
+
+
+def quantized_linear(weight: torch.Tensor, bias: nn.Parameter | torch.Tensor | None, config: Quantization, device: torch.device | str) -> nn.Module:
+    """A bitsandbytes linear layer holding ``weight`` (out, in) quantized on ``device``.
+
+    The layer is built on the meta device and given the quantized weight, so the full-precision
+    matrix is never allocated a second time. bitsandbytes quantizes when the parameter is moved to a
+    device (``Params4bit.to``/``Int8Params.to``).
+    """
+    bnb = import_bitsandbytes()
+    device = torch.device(device)
+    out_features, in_features = weight.shape
+    if config.bits == 4:
+        layer = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=False,
+            compute_dtype=config.torch_compute_dtype,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant_type,
+            quant_storage=config.torch_quant_storage,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.detach(),
+            requires_grad=False,
+            blocksize=config.block_size,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant_type,
+            quant_storage=config.torch_quant_storage,
+            module=layer,
+        ).to(device)
+    else:
+        layer = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=False, has_fp16_weights=False, threshold=config.int8_threshold, device="meta"
+        )
+        # Int8Params quantizes only when moved *from the CPU*: start there whatever the source device.
+        layer.weight = bnb.nn.Int8Params(weight.detach().to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(device), requires_grad=bias.requires_grad)
+    return layer
+
+
+def quantizable_linears(model: nn.Module, config: Quantization) -> list[str]:
+    """Names of the ``nn.Linear`` layers :func:`quantize_model` converts: all but the output head(s)
+    and ``config.skip_modules`` (an entry that matches nothing is an error, as for targets)."""
+    heads = output_head_names(model)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not is_quantized_linear(m)]
+    skip = config.skip_modules or []
+    unmatched = [key for key in skip if not any(_name_matches(name, key) for name, _ in model.named_modules())]
+    if unmatched:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise ValueError(f"skip_modules entries {unmatched} matched no module of {type(model).__name__}; linear layers: {', '.join(leaves)}")
+    selected = [n for n in linears if n not in heads and not any(_name_matches(n, key) for key in skip)]
+    if not selected:
+        others = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("Conv1D", "Conv2d", "Embedding")})
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer to quantize"
+            + (f" besides the output head {sorted(heads)}" if heads & set(linears) else "")
+            + (f" and skip_modules={skip}" if skip else "")
+            + (f" (it has {', '.join(others)}; only nn.Linear is quantized)" if others else "")
+        )
+    return selected
+
+
+def quantize_model(model: nn.Module, config: Quantization, device: torch.device | str | None = None) -> list[str]:
+    """Replace the linear layers of ``model`` by bitsandbytes k-bit layers, in place; returns their names.
+
+    ``device`` is where the quantized weights go (default: where each weight already is); quantizing
+    on a GPU is much faster than on the CPU. Idempotent for the same ``config``: Lightning calls
+    ``setup`` once per stage. Adapters must be injected *after* quantization, so they wrap the
+    quantized layers and stay in float32.
+
+    The model remembers where it was loaded from (``config._name_or_path``) and a signature of each
+    original weight, so a merged export can re-read the original weights (see ``save_merged``).
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M", dtype=torch.bfloat16)
+        quantize_model(model, Quantization(bits=4))
+    """
+    record = quantization_record(model)
+    if record is not None:
+        if record.config != config:
+            raise ValueError(f"model is already quantized with {record.config}; refusing to quantize it again with {config}")
+        return [name.removesuffix(".weight") for name in record.weights]
+    if any(is_quantized_linear(m) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} already holds bitsandbytes k-bit layers (quantized elsewhere, e.g. by "
+            f"from_pretrained(quantization_config=...)); do not ask lightning_peft to quantize it again"
+        )
+    if next(adapter_layers(model), None) is not None:
+        raise ValueError("quantize the base model before injecting adapters: adapters must wrap the quantized layers")
+    names = quantizable_linears(model, config)
+    first = model.get_submodule(names[0]).weight
+    check_backend(config, device if device is not None else first.device)
+    originals: dict[str, OriginalWeight] = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        originals[f"{name}.weight"] = OriginalWeight.of(linear.weight)
+        target = torch.device(device) if device is not None else linear.weight.device
+        layer = quantized_linear(linear.weight, linear.bias, config, target)
+        layer.train(linear.training)
+        _set_submodule(model, name, layer)  # the last reference to the full-precision weight goes here
+        del linear
+    set_quantization_record(model, QuantizationRecord(config, originals, source_of(model)))
+    return names
+
+
+def _unpack_cpu_format(module: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repacking (done on the first eval forward on CPUs with AVX512-BF16).
+
+    bitsandbytes reverses it the same way before ``state_dict``; the next eval forward repacks.
+    """
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        module.quant_state = module.weight.quant_state
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a bitsandbytes linear layer multiplies by, in float32."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        _unpack_cpu_format(module)
+        return F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        # After the first forward the row scales live in the layer's matmul state, not on the weight.
+        scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+        return F.int8_vectorwise_dequant(module.weight.data, scales).float()
+    raise TypeError(f"{type(module).__name__} is not a bitsandbytes k-bit linear layer")
