@@ -27,6 +27,8 @@ from lightning_peft.core.model_lookup import find_model
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.mixin import PEFTMixin
 from lightning_peft.quantization.config import Quantization
+from lightning_peft.export.from_source import check_merged_export_possible
+from lightning_peft.quantization.prepare import check_trainer_compatibility, quantize_for_training
 
 ExportWhen = Literal["fit_end", "checkpoint", "both"]
 
@@ -88,12 +90,9 @@ class PEFTCallback(Callback):
                     f"callbacks for weights-only checkpoints ({type(weights_only[0]).__name__}(save_weights_only=True)). "
                     f"Use save_weights_only=False (adapter-only checkpoints are small anyway) or export_on='fit_end'"
                 )
-        if self.quantization is not None:
-            from lightning_peft.quantization.prepare import check_trainer_compatibility
-
-            check_trainer_compatibility(trainer, self.quantization)
         if isinstance(pl_module, PEFTMixin):
             if self.quantization is not None:
+                check_trainer_compatibility(trainer, self.quantization, pl_module.peft_model)
                 pl_module.use_quantization(self.quantization, trainer.strategy.root_device)
             pl_module.use_peft_method(self.method)  # injects now, or in configure_model once built
             return
@@ -104,6 +103,7 @@ class PEFTCallback(Callback):
                 f"or build it in configure_model and inherit lightning_peft.PEFTMixin"
             )
         if self.quantization is not None:
+            check_trainer_compatibility(trainer, self.quantization, model)
             quantize_for_training(model, self.quantization, trainer.strategy.root_device)
             if self.export_merged:
                 check_merged_export_possible(model)
@@ -151,29 +151,6 @@ class PEFTCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method.to_dict()}
-
-
-def quantize_for_training(model: Any, quantization: Quantization, device: Any) -> None:
-    """Quantize ``model`` in place (idempotent) and prepare it for k-bit training (norms in float32)."""
-    from lightning_peft.quantization.prepare import prepare_model_for_kbit_training
-    from lightning_peft.quantization.replace import quantize_model
-
-    names = quantize_model(model, quantization, device=device)
-    prepare_model_for_kbit_training(model)
-    rank_zero_info(f"lightning_peft: {len(names)} linear layers quantized to {quantization.describe()}")
-
-
-def check_merged_export_possible(model: Any) -> None:
-    """A merged export of a k-bit model needs its original checkpoint: fail at setup, not after training."""
-    from lightning_peft.export.from_source import QuantizedExportError, resolve_export_source
-    from lightning_peft.quantization.replace import is_quantized_linear
-
-    if any(is_quantized_linear(m) for m in model.modules()) and resolve_export_source(model, None) is None:
-        raise QuantizedExportError(
-            "export_merged=True with a quantized base needs the original weights, but the checkpoint this model was "
-            f"loaded from is unknown (config._name_or_path={getattr(getattr(model, 'config', None), '_name_or_path', None)!r} "
-            "is no local directory). Load the model from a local safetensors directory, or export the adapter only"
-        )
 
 
 def check_optimizers_cover_trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -93,7 +93,7 @@ class PEFTMixin:
             return
         first_time = injected_method(self.peft_model) is None
         if first_time and self.peft_quantization is not None:
-            from lightning_peft.callback import quantize_for_training
+            from lightning_peft.quantization.prepare import quantize_for_training
 
             quantize_for_training(self.peft_model, self.peft_quantization, self._peft_quantization_device)
         targets = apply_peft(self.peft_model, self.peft_method)

@@ -51,6 +51,16 @@ def resolve_export_source(model: nn.Module, source: str | os.PathLike | None) ->
     return resolve_source(record.source if record is not None and record.source else source_of(model))
 
 
+def check_merged_export_possible(model: nn.Module) -> None:
+    """A merged export of a k-bit model needs its original checkpoint: fail at setup, not after training."""
+    if any(is_quantized_linear(m) for m in model.modules()) and resolve_export_source(model, None) is None:
+        raise QuantizedExportError(
+            "export_merged=True with a quantized base needs the original weights, but the checkpoint this model was "
+            f"loaded from is unknown (config._name_or_path={getattr(getattr(model, 'config', None), '_name_or_path', None)!r} "
+            "is no local directory). Load the model from a local safetensors directory, or export the adapter only"
+        )
+
+
 def write_config(model: nn.Module, directory: Path, dtype: torch.dtype) -> None:
     """config.json (and generation_config.json) describing a plain, unquantized model in ``dtype``."""
     config = copy.deepcopy(model.config)

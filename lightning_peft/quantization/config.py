@@ -24,11 +24,13 @@ from typing import Any, Literal, Optional
 
 import torch
 
+Bits = Literal[4, 8]
 QuantType = Literal["nf4", "fp4"]
 ComputeDType = Literal["float32", "bfloat16", "float16"]
 StorageDType = Literal["uint8", "float32", "bfloat16", "float16"]
 
 # Block sizes bitsandbytes 0.50 implements for 4-bit on every backend (CUDA also takes 32).
+BlockSize = Literal[64, 128, 256, 512, 1024, 2048, 4096]
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -44,14 +46,14 @@ class Quantization:
     """
 
     # 4: QLoRA's 4-bit (NF4/FP4, bitsandbytes Linear4bit); 8: LLM.int8() (Linear8bitLt).
-    bits: int = 4
+    bits: Bits = 4
     # NF4 is the QLoRA paper's choice (lower error than FP4 on normally distributed weights). 4-bit only.
     quant_type: QuantType = "nf4"
     # Quantize the per-block scales too (8-bit, blocks of 256): saves 0.37 bits/weight at no measurable
     # error. 4-bit only.
     double_quant: bool = True
     # Values sharing one scale; smaller blocks follow outliers better and cost more scales. 4-bit only.
-    block_size: int = 64
+    block_size: BlockSize = 64
     # dtype the dequantized weight is multiplied in. bf16 is QLoRA's; float32 reproduces LoRA on the
     # dequantized weights exactly (slow); float16 overflows more easily. 4-bit only (8-bit computes in
     # the input's dtype).
@@ -122,3 +124,8 @@ class Quantization:
             bnb_4bit_quant_storage=self.torch_quant_storage,
             llm_int8_skip_modules=self.skip_modules,
         )
+
+
+# Checkpoints store the task's hyperparameters, this config included, and torch.load(weights_only=True)
+# (Lightning's default) refuses unknown classes: a frozen dataclass of plain values is safe to allow.
+torch.serialization.add_safe_globals([Quantization])

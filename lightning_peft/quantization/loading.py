@@ -41,7 +41,7 @@ from lightning_peft.quantization.record import (
     resolve_source,
     set_quantization_record,
 )
-from lightning_peft.quantization.replace import is_quantized_linear, quantizable_linears, quantized_linear
+from lightning_peft.quantization.replace import is_quantized_linear, quantizable_linears, quantized_linear, release_host_memory
 from lightning_peft.quantization.safetensors_stream import checkpoint_index, iter_tensors
 
 
@@ -161,13 +161,16 @@ def load_streaming(
             _place(module, attribute, tensor, device)
         report.loaded.append(name)
         del tensor  # before the next one is read: the peak is one tensor, not two
-    _finish(model, report, dtype, device)
+        release_host_memory()
+    _finish(model, report, quantization, to_quantize, dtype, device)
     set_quantization_record(model, QuantizationRecord(quantization, originals, None))
     return report
 
 
-def _finish(model: nn.Module, report: LoadReport, dtype: torch.dtype, device: torch.device) -> None:
-    """Tie shared weights, move buffers, and initialise whatever the checkpoint lacked."""
+def _finish(
+    model: nn.Module, report: LoadReport, quantization: Quantization, to_quantize: set[str], dtype: torch.dtype, device: torch.device
+) -> None:
+    """Tie shared weights, move buffers, and initialise (and quantize) whatever the checkpoint lacked."""
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for module in model.modules():
@@ -187,9 +190,13 @@ def _finish(model: nn.Module, report: LoadReport, dtype: torch.dtype, device: to
         init = getattr(model, "_init_weights", None)
         if init is None:
             raise ValueError(f"the checkpoint has no weights for {owner!r} and {type(model).__name__} has no _init_weights to make them")
-        init(module)
         if is_quantized_linear(module):  # a layer quantized before its bias arrived, and it never did
             raise ValueError(f"the checkpoint has a weight but no bias for {owner!r}")
+        init(module)
+        if owner in to_quantize:  # new, but still one of the layers to quantize: not silently left 16-bit
+            layer = quantized_linear(module.weight, module.bias, quantization, device)
+            _set_submodule(model, owner, layer)
+            report.quantized.append(owner)
     report.initialised = [n for n, _ in missing]
     rank_zero_warn(
         f"{type(model).__name__}: {len(missing)} weights are not in the checkpoint and were newly initialised: "

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_peft.quantization.config import Quantization
@@ -151,3 +151,13 @@ def check_trainer_compatibility(trainer: Any, quantization: Quantization, model:
                 "reentrant gradient checkpointing with DDP(find_unused_parameters=True) fails with 'Expected to mark a "
                 "variable ready only once'; use non-reentrant checkpointing (the default here) or find_unused_parameters=False"
             )
+
+
+def quantize_for_training(model: nn.Module, quantization: Quantization, device: Any = None) -> None:
+    """Quantize ``model`` in place (idempotent) and prepare it for k-bit training (norms in float32):
+    what ``PEFTCallback(quantization=...)`` does before injecting the adapters."""
+    from lightning_peft.quantization.replace import quantize_model
+
+    names = quantize_model(model, quantization, device=device)
+    prepare_model_for_kbit_training(model)
+    rank_zero_info(f"lightning_peft: {len(names)} linear layers quantized to {quantization.describe()}")
