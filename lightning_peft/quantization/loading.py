@@ -24,7 +24,6 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -254,7 +253,7 @@ def load_quantized(
     if report.unexpected:
         rank_zero_warn(f"{len(report.unexpected)} tensors of {path} have no place in {type(model).__name__} and were ignored: {report.unexpected[:5]}")
     # The source is the directory itself: a merged export re-reads the original weights from it.
-    quantization_record(model).source = str(path)
+    quantization_record(model).source = str(path.absolute())
     config._name_or_path = str(model_name_or_path)
     if (path / "generation_config.json").exists() and getattr(model, "can_generate", lambda: False)():
         model.generation_config = GenerationConfig.from_pretrained(path)

@@ -66,7 +66,10 @@ def set_quantization_record(model: nn.Module, record: QuantizationRecord) -> Non
 def source_of(model: nn.Module) -> str | None:
     """Where ``model`` was loaded from (``from_pretrained`` sets ``config._name_or_path``), if anywhere."""
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return str(name) if name else None
+    if not name:
+        return None
+    # A relative directory is made absolute now: the export may run from another working directory.
+    return str(Path(name).absolute()) if Path(name).is_dir() else str(name)
 
 
 def resolve_source(source: str | os.PathLike | None) -> Path | None:
