@@ -6,6 +6,7 @@ what transfers between machines. Also reported: the adapter-only checkpoint size
 
     python benchmarks/bench_lora_step.py                       # SmolLM2-135M from assets/ (prepare-assets)
     python benchmarks/bench_lora_step.py --model tiny --steps 30
+    python benchmarks/bench_lora_step.py --model llama-1b --device cuda --dtype bfloat16 --batch-size 4 --seq-len 1024
 
 The floor is the same model with no adapters and no weight gradients: forward plus the backward pass
 to the inputs, which any adapter method must also pay. LoRA's extra cost over it is its own overhead.
@@ -26,30 +27,49 @@ from torch import nn
 from lightning_peft import LoRA, apply_peft
 
 
-def load_model(name: str) -> nn.Module:
+# Random-weight Llama shapes: step time does not depend on the values, and no download is needed.
+RANDOM_SHAPES = {
+    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
+    # Llama-3.2-1B's shape (1.24B parameters).
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+}
+
+
+def load_model(name: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    if name == "tiny":
+    if name in RANDOM_SHAPES:
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
-        return LlamaForCausalLM(config)
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        return LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES[name])).to(dtype)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
 
 
 def make_step(model: nn.Module, batch: dict[str, torch.Tensor]):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    on_cuda = batch["input_ids"].is_cuda
 
     def step() -> float:
+        # CUDA runs asynchronously: synchronise on both sides so the wall time is the GPU's work.
+        if on_cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if on_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     return step
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}"
 
 
 def checkpoint_bytes(state: dict[str, torch.Tensor]) -> int:
@@ -60,7 +80,9 @@ def checkpoint_bytes(state: dict[str, torch.Tensor]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="assets/smollm2-135m-instruct", help="model path/Hub id, or 'tiny'")
+    parser.add_argument("--model", default="assets/smollm2-135m-instruct", help=f"model path/Hub id, or a random shape: {sorted(RANDOM_SHAPES)}")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps)")
@@ -70,10 +92,11 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    base = load_model(args.model).train()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    base = load_model(args.model, dtype).to(device).train()
     targets = args.targets.split(",")
     vocab = base.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len))
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
     ours = copy.deepcopy(base)
@@ -105,7 +128,7 @@ def main() -> None:
     full_bytes = checkpoint_bytes(base.state_dict())
     adapter_bytes = checkpoint_bytes({n: p for n, p in ours.named_parameters() if p.requires_grad})
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"model: {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch_size}x{args.seq_len}, LoRA r={args.r} on {targets}, float32, CPU threads {torch.get_num_threads()}")
+    print(f"model: {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch_size}x{args.seq_len}, LoRA r={args.r} on {targets}, {args.dtype}, {describe(device)}")
     for name in variants:
         print(f"  step time {name:>15}: median {med[name] * 1000:8.1f} ms over {len(times[name])} steps")
     print(f"  ratio lightning_peft / peft : {ratio_peft:.3f}  (median of per-round ratios)")

@@ -8,8 +8,9 @@ from lightning_peft.core.fingerprint import BaseModelMismatchError
 from lightning_peft.core.injection import apply_peft, parameter_summary
 from lightning_peft.export.peft_format import AdapterFileError, load_adapter, save_adapter
 from lightning_peft.merge import disable_adapters, merge_adapters, unmerge_adapters
-from lightning_peft.methods import LoRA, PEFTMethod
+from lightning_peft.methods import DoRA, LoRA, PEFTMethod
 from lightning_peft.mixin import PEFTMixin
+from lightning_peft.optim import ParamGroups, apply_lr_scales, build_param_groups, lr_multipliers, param_groups
 from lightning_peft.quantization import Quantization
 
 __version__ = "0.1.0"
@@ -17,15 +18,21 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFileError",
     "BaseModelMismatchError",
+    "DoRA",
     "LoRA",
     "PEFTCallback",
     "PEFTMethod",
     "PEFTMixin",
+    "ParamGroups",
     "Quantization",
+    "apply_lr_scales",
     "apply_peft",
+    "build_param_groups",
     "disable_adapters",
     "load_adapter",
+    "lr_multipliers",
     "merge_adapters",
+    "param_groups",
     "parameter_summary",
     "save_adapter",
     "unmerge_adapters",

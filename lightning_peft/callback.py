@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_peft.checkpointing import attach_checkpoint_hooks, make_state_dict_adapter_only
 from lightning_peft.core.injection import apply_peft, parameter_summary
 from lightning_peft.core.model_lookup import find_model
+from lightning_peft.data_init import initialise_from_trainer, needs_data_init
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.mixin import PEFTMixin
 from lightning_peft.quantization.config import Quantization
@@ -117,6 +118,10 @@ class PEFTCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_optimizers_cover_trainable(trainer, pl_module)
+        if needs_data_init(self.method) and trainer.ckpt_path is None:
+            # LoRA-GA: from the Trainer's own batches, now that the model is on its device. A resumed run
+            # (ckpt_path) already has its trained adapters and initial factors back from the checkpoint.
+            initialise_from_trainer(trainer, pl_module, self._model(pl_module), self.method)
         if self.export_merged and isinstance(pl_module, PEFTMixin) and pl_module.peft_model is not None:
             check_merged_export_possible(pl_module.peft_model)  # the model exists now; fail before training
 

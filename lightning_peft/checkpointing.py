@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
 from lightning_peft.core.injection import injected_method
 from lightning_peft.core.model_lookup import find_model
@@ -26,8 +27,18 @@ CHECKPOINT_KEY = "lightning_peft"
 _HOOK_FLAG = "_lightning_peft_adapter_only_hook"
 
 
+def adapter_state_names(module: nn.Module) -> set[str]:
+    """State-dict names of what an adapter-only checkpoint holds: the trainable parameters and the
+    adapter layers' persistent buffers (e.g. the initial factors of a PiSSA or LoRA-GA init, without
+    which the adapter is wrong against the unmodified base)."""
+    names = {name for name, param in module.named_parameters() if param.requires_grad}
+    for layer_name, layer in adapter_layers(module):
+        names |= {f"{layer_name}.{name}" for name, _ in layer.adapter_named_buffers()}
+    return names
+
+
 def _drop_frozen(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    keep = {prefix + name for name, param in module.named_parameters() if param.requires_grad}
+    keep = {prefix + name for name in adapter_state_names(module)}
     for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
         del state_dict[key]
 
@@ -59,7 +70,7 @@ def verify_checkpoint(checkpoint: dict[str, Any], lightning_module: nn.Module, m
         if saved is not None and current is not None and saved != current:
             raise ValueError(f"checkpoint was trained with {saved!r} but this model has {current!r}; resume or load it with the same method config")
     state = checkpoint.get("state_dict", {})
-    missing = [n for n, p in lightning_module.named_parameters() if p.requires_grad and n not in state]
+    missing = sorted(n for n in adapter_state_names(lightning_module) if n not in state)
     if missing:
         raise KeyError(
             f"checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[:3]}); it was saved "

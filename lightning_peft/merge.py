@@ -156,7 +156,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None, dequan
                 tensor = dequantized_weight(kbit[kbit_owner])  # float32; a requantized merge already holds its delta
                 adapter = layers.get(kbit_owner.removesuffix("." + BASE_LAYER))
                 if adapter is not None and not adapter.merged and not adapter.disabled:
-                    tensor = tensor + adapter.delta_weight().to(tensor.device)
+                    tensor = adapter.merged_weight(tensor)
                 tensor = tensor.to(dtype or torch.bfloat16)
         owner = next((layer_name for layer_name in layers if name.startswith(layer_name + ".")), None)
         if owner is not None:
@@ -165,7 +165,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None, dequan
                 continue  # an adapter tensor: folded into the weight below
             layer = layers[owner]
             if rest == f"{BASE_LAYER}.weight" and not layer.merged and not layer.disabled and kbit_owner is None:
-                tensor = (tensor.float() + layer.delta_weight().to(tensor.device)).to(tensor.dtype)
+                tensor = layer.merged_weight(tensor.float()).to(tensor.dtype)
             name = f"{owner}.{rest[len(BASE_LAYER) + 1:]}"
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)

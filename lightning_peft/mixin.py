@@ -30,7 +30,7 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_peft.checkpointing import CHECKPOINT_KEY, checkpoint_metadata, make_state_dict_adapter_only, verify_checkpoint
+from lightning_peft.checkpointing import CHECKPOINT_KEY, adapter_state_names, checkpoint_metadata, make_state_dict_adapter_only, verify_checkpoint
 from lightning_peft.core.injection import apply_peft, injected_method, parameter_summary
 from lightning_peft.methods.base import PEFTMethod, method_from_dict
 
@@ -143,6 +143,6 @@ class PEFTMixin:
         checkpoints by design, and reporting every frozen key buries any real problem (verify_checkpoint
         has already checked that every trainable tensor is there)."""
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
-        frozen = {name for name, param in self.named_parameters() if not param.requires_grad}  # type: ignore[attr-defined]
-        result.missing_keys[:] = [key for key in result.missing_keys if key not in frozen]
+        adapter_state = adapter_state_names(self)  # type: ignore[arg-type]
+        result.missing_keys[:] = [key for key in result.missing_keys if key in adapter_state]
         return result

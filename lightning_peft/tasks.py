@@ -13,7 +13,10 @@ compared with.
 The optimizer is an argument (a callable taking the parameters, as jsonargparse builds it from
 ``{class_path: torch.optim.AdamW, init_args: {lr: 5e-4}}``), called in :meth:`configure_optimizers`
 with the *trainable* parameters only. LightningCLI's automatic ``optimizer:`` key would instead build
-it from ``model.parameters()`` before injection, and the adapters would never train.
+it from ``model.parameters()`` before injection, and the adapters would never train. With
+``param_groups`` (:class:`~lightning_peft.optim.ParamGroups`: LoRA+, layer-wise learning-rate decay) the
+trainable parameters are split into groups whose ``lr`` is the optimizer's own times a multiplier, set
+before the scheduler is built (see :mod:`lightning_peft.optim`).
 
 Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (see :mod:`lightning_peft.data`).
 Validation metrics are exact over the whole split: ``val_loss`` of the language model is the mean over
@@ -24,6 +27,7 @@ its exponential.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as L
@@ -35,6 +39,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_peft.mixin import PEFTMixin
+from lightning_peft.optim import ParamGroups, apply_lr_scales, build_param_groups, check_scheduler_keeps_scales
 from lightning_peft.quantization.config import Quantization
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -80,13 +85,19 @@ class _TransformersTask(PEFTMixin, L.LightningModule):
         optimizer: OptimizerCallable,
         lr_scheduler: Optional[LRSchedulerCallable],
         quantization: Optional[Quantization] = None,
+        param_groups: Optional[ParamGroups] = None,
     ) -> None:
         super().__init__()
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={dtype!r}; choose 'float32', 'bfloat16' or 'float16'")
         if quantization is not None and not isinstance(quantization, Quantization):
             raise TypeError(f"quantization must be a lightning_peft.Quantization(...), got {type(quantization).__name__}")
+        if isinstance(param_groups, Mapping):  # e.g. {"loraplus_ratio": 16} from Python or old hparams
+            param_groups = ParamGroups(**param_groups)
+        if param_groups is not None and not isinstance(param_groups, ParamGroups):
+            raise TypeError(f"param_groups must be a lightning_peft.ParamGroups(...), got {type(param_groups).__name__}")
         self.quantization = quantization
+        self.param_groups = param_groups
         self.model_name_or_path = model_name_or_path
         self.torch_dtype: torch.dtype = getattr(torch, dtype)
         self.optimizer_factory = optimizer
@@ -144,10 +155,17 @@ class _TransformersTask(PEFTMixin, L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError(f"{type(self).__name__} has no trainable parameters; nothing to optimize")
-        optimizer = self.optimizer_factory(params)
+        if self.param_groups is None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            # One group per lr multiplier; the optimizer gives each its own lr, which is then scaled before
+            # any scheduler reads it (schedulers take their base rates from the groups when built).
+            optimizer = apply_lr_scales(self.optimizer_factory(build_param_groups(self, self.param_groups)))
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
+        if self.param_groups is not None:
+            check_scheduler_keeps_scales(scheduler)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             # LightningCLI's ReduceLROnPlateau carries its `monitor`; plain torch's does not.
             monitor = getattr(scheduler, "monitor", "val_loss")
@@ -171,6 +189,9 @@ class CausalLMTask(_TransformersTask):
             works with a frozen embedding layer).
         quantization: load the base straight into k-bit (QLoRA), streaming the safetensors checkpoint
             layer by layer, e.g. ``{bits: 4, quant_type: nf4, compute_dtype: bfloat16}`` from YAML.
+        param_groups: per-group learning rates (:class:`~lightning_peft.optim.ParamGroups`): LoRA+
+            ``loraplus_ratio`` (B learns that many times faster than A) and/or layer-wise ``layer_decay``,
+            e.g. ``{loraplus_ratio: 16}`` from YAML. Each group's lr is the optimizer's lr times its multiplier.
 
     Example::
 
@@ -188,8 +209,9 @@ class CausalLMTask(_TransformersTask):
         gguf_file: Optional[str] = None,
         gradient_checkpointing: bool = False,
         quantization: Optional[Quantization] = None,
+        param_groups: Optional[ParamGroups] = None,
     ) -> None:
-        super().__init__(model_name_or_path, dtype, optimizer, lr_scheduler, quantization)
+        super().__init__(model_name_or_path, dtype, optimizer, lr_scheduler, quantization, param_groups)
         if gguf_file and quantization is not None:
             raise ValueError(
                 f"gguf_file={gguf_file!r} with quantization: the k-bit loader streams safetensors only; convert the GGUF "
@@ -254,6 +276,9 @@ class SequenceClassificationTask(_TransformersTask):
         optimizer: called with the trainable parameters. Default AdamW, lr 2e-4.
         lr_scheduler: called with the optimizer, stepped every optimizer step.
         quantization: load the base straight into k-bit (QLoRA); the new head stays in ``dtype``.
+        param_groups: per-group learning rates (:class:`~lightning_peft.optim.ParamGroups`): LoRA+
+            ``loraplus_ratio`` and/or layer-wise ``layer_decay`` (the head, after the last block, keeps the
+            optimizer's lr), e.g. ``{loraplus_ratio: 16, layer_decay: 0.8}`` from YAML.
 
     Example::
 
@@ -268,8 +293,9 @@ class SequenceClassificationTask(_TransformersTask):
         optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=2e-4),
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         quantization: Optional[Quantization] = None,
+        param_groups: Optional[ParamGroups] = None,
     ) -> None:
-        super().__init__(model_name_or_path, dtype, optimizer, lr_scheduler, quantization)
+        super().__init__(model_name_or_path, dtype, optimizer, lr_scheduler, quantization, param_groups)
         if not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"num_labels must be an integer >= 2 (1 would make transformers regress), got {num_labels!r}")
         self.save_hyperparameters(ignore=_unpicklable(optimizer=optimizer, lr_scheduler=lr_scheduler))

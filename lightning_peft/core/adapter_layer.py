@@ -51,20 +51,33 @@ class AdapterLayer(nn.Module):
         """Fold the adapter into ``base_layer.weight`` (in float32, cast back to the weight's dtype)."""
         if self.merged:
             return
-        self._add_to_base(self.delta_weight())
+        self._set_base_weight(self.merged_weight(self._base_weight_float()))
         self.merged = True
 
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self._add_to_base(-self.delta_weight())
+        self._set_base_weight(self.unmerged_weight(self._base_weight_float()))
         self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
-        """``W_merged - W`` in the base weight's layout, float32."""
+        """``W_merged - W`` in the base weight's layout, float32, for methods whose update is additive."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer")
 
-    def _add_to_base(self, delta: torch.Tensor) -> None:
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight that replaces ``weight`` (the unmerged base weight, float32, in the base's layout).
+
+        Merging, the merged state dict and the export from original checkpoint weights all go through
+        this one function, so a method whose merge is not additive (DoRA rescales rows by a norm of
+        ``W`` itself) is merged the same way everywhere, against whichever ``W`` it is given.
+        """
+        return weight + self.delta_weight().to(weight.device)
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merged_weight` for a layer that is currently merged."""
+        return merged - self.delta_weight().to(merged.device)
+
+    def _base_weight_float(self) -> torch.Tensor:
         weight = self.base_layer.weight
         if not weight.is_floating_point() or getattr(weight, "quant_state", None) is not None:
             # k-bit (bitsandbytes) weights hold packed codes: adding floats to them would corrupt them. Merging
@@ -73,11 +86,23 @@ class AdapterLayer(nn.Module):
                 f"cannot add the adapter of {type(self).__name__} to its k-bit {type(self.base_layer).__name__} weight; "
                 f"use merge_adapters(model, requantize=True) or export merged 16-bit weights with save_merged"
             )
-        merged = weight.data.float() + delta.to(weight.device)
-        if not torch.isfinite(merged).all():
+        return weight.data.float()
+
+    def _set_base_weight(self, value: torch.Tensor) -> None:
+        if not torch.isfinite(value).all():
             # Refuse rather than silently poison the base model: a diverged adapter shows up here.
             raise ValueError(f"merging {type(self).__name__} would put non-finite values into the base weight")
-        weight.data.copy_(merged.to(weight.dtype))
+        weight = self.base_layer.weight
+        weight.data.copy_(value.to(device=weight.device, dtype=weight.dtype))
+
+    # -- adapter state that is not trained ----------------------------------------------------------
+    def adapter_named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Persistent buffers that belong to the adapter (e.g. the initial factors an SVD-based LoRA
+        init subtracts). They are part of the adapter's state: checkpoints must carry them."""
+        persistent = set(self.state_dict(keep_vars=True))
+        for name, buffer in self.named_buffers():
+            if not name.startswith(BASE_LAYER + ".") and name in persistent:
+                yield name, buffer
 
     # -- peft file format -------------------------------------------------------------------------
     def peft_state_dict(self) -> dict[str, torch.Tensor]:

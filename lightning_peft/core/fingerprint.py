@@ -62,7 +62,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     for name, p in _base_parameters(model, frozen_only=True).items():
         if name in merged and p.is_floating_point() and getattr(p, "quant_state", None) is None:  # k-bit: shape only
             with torch.no_grad():
-                p = p.float() - merged[name].delta_weight().to(p.device)
+                p = merged[name].unmerged_weight(p.float())
         tensors[name] = [_logical_shape(p), _sample_sum(p)]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     return {"name_or_path": name_or_path, "tensors": tensors}

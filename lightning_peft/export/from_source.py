@@ -135,13 +135,13 @@ def save_merged_from_source(model: nn.Module, source: Path, directory: Path, dty
         if name in kbit:
             _check_same_weight(name, tensor, kbit[name], record)
         if name in adapters:  # the original W, so the exact delta, whether or not the layer is merged
-            tensor = tensor.float() + adapters[name].delta_weight().to("cpu")
+            tensor = adapters[name].merged_weight(tensor.float())
         return tensor
 
     def from_model(name: str) -> torch.Tensor:
         tensor = params[name].detach().to("cpu")
         if name in adapters and not adapters[name].merged:
-            tensor = tensor.float() + adapters[name].delta_weight().to("cpu")
+            tensor = adapters[name].merged_weight(tensor.float())
         return tensor
 
     files = checkpoint_files(source)

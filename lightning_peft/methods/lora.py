@@ -17,6 +17,15 @@ Layer kinds:
 - ``nn.Embedding`` (num x dim): the roles swap so the update is a lookup: ``A`` (r, num) starts at zero,
   ``B`` (dim, r) ~ N(0, 1); ``y = E[x] + s * (A^T[x]) B^T``. No dropout (the input is token ids).
 
+Initialisations that start ``B A`` away from zero (PiSSA, OLoRA, LoRA-GA; the math is in
+:mod:`lightning_peft.methods.lora_init`) need ``W - s B0 A0`` as the base so the output at step 0 is
+unchanged. The papers and HF peft overwrite ``W``. We never touch ``W``: the layer keeps ``A0``/``B0``
+as frozen float32 buffers and computes ``W x + s B A x - s B0 A0 x``. That costs a second rank-r product
+per step and buys four things: a 4-bit base is not requantized (which would silently change every
+quantized weight), the base fingerprint and every other adapter keep working, the exported adapter is
+exact against the original base (the rank-2r form ``[A; A0]``, ``[B, -B0]``, which is what peft converts
+to), and adapter-only checkpoints resume with the buffers in them.
+
 Adapter tensors are kept in float32 even on a bf16/fp16 base: a rank-r update in 16 bits loses most of
 the small steps that training makes. The input is cast up for the adapter branch and the result cast
 back to the base output's dtype.
@@ -35,8 +44,14 @@ from torch import nn
 from lightning_peft.core.adapter_layer import AdapterLayer
 from lightning_peft.core.targets import TargetSpec, linear_types
 from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.lora_init import olora_factors, pissa_factors
 
-LoRAInit = Literal["kaiming", "gaussian"]
+LoRAInit = Literal["kaiming", "gaussian", "pissa", "olora", "lora_ga"]
+INITS = ("kaiming", "gaussian", "pissa", "olora", "lora_ga")
+#: Inits that start B A away from zero and so carry the frozen initial factors A0, B0.
+OFFSET_INITS = ("pissa", "olora", "lora_ga")
+#: peft ``init_lora_weights`` values whose saved tensors are relative to a base peft modified in place.
+_PEFT_BASE_MOVING_INITS = ("pissa", "olora", "lora_ga", "corda", "loftq")
 
 
 class LoRA(PEFTMethod):
@@ -50,7 +65,14 @@ class LoRA(PEFTMethod):
         exclude_modules: names or regex removed from the targets.
         modules_to_save: modules trained in full (e.g. ``["classifier"]``).
         rslora: use the rank-stabilised scale ``alpha / sqrt(r)``.
-        init: ``"kaiming"`` (peft's default) or ``"gaussian"`` for ``A``.
+        init: ``"kaiming"`` (peft's default) or ``"gaussian"`` for ``A`` with ``B = 0``; ``"pissa"``
+            (principal singular vectors of ``W``), ``"olora"`` (QR of ``W``) or ``"lora_ga"`` (SVD of the
+            full-weight gradient, estimated by :class:`~lightning_peft.PEFTCallback` from the Trainer's
+            train dataloader when fitting starts). See :mod:`lightning_peft.methods.lora_init`.
+        svd_niter: ``None`` for an exact SVD in PiSSA and LoRA-GA; ``k`` for the randomized SVD with ``k``
+            subspace iterations (peft's ``"pissa_niter_k"``), much faster on large layers.
+        init_batches: training batches LoRA-GA averages the gradient over.
+        lora_ga_gamma: the gamma of LoRA-GA's "stable" scale ``d_out^(1/4) / sqrt(gamma)``.
 
     Example::
 
@@ -59,6 +81,7 @@ class LoRA(PEFTMethod):
     """
 
     name = "lora"
+    supported_inits: tuple[str, ...] = INITS
     supported_description = "nn.Linear, transformers Conv1D, nn.Embedding and bitsandbytes Linear4bit/Linear8bitLt"
 
     def __init__(
@@ -71,6 +94,9 @@ class LoRA(PEFTMethod):
         modules_to_save: Sequence[str] | None = None,
         rslora: bool = False,
         init: LoRAInit = "kaiming",
+        svd_niter: int | None = None,
+        init_batches: int = 8,
+        lora_ga_gamma: float = 16.0,
     ) -> None:
         super().__init__(target_modules, exclude_modules, modules_to_save)
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
@@ -79,13 +105,23 @@ class LoRA(PEFTMethod):
             raise ValueError(f"LoRA alpha must be a positive finite number, got alpha={alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"unknown LoRA init {init!r}; choose 'kaiming' or 'gaussian'")
+        if init not in type(self).supported_inits:
+            choices = ", ".join(repr(i) for i in type(self).supported_inits)
+            raise ValueError(f"unknown {type(self).__name__} init {init!r}; choose one of {choices}")
+        if svd_niter is not None and (not isinstance(svd_niter, int) or isinstance(svd_niter, bool) or svd_niter < 0):
+            raise ValueError(f"svd_niter must be None (exact SVD) or a non-negative integer, got svd_niter={svd_niter!r}")
+        if not isinstance(init_batches, int) or isinstance(init_batches, bool) or init_batches <= 0:
+            raise ValueError(f"init_batches must be a positive integer, got init_batches={init_batches!r}")
+        if not isinstance(lora_ga_gamma, (int, float)) or not lora_ga_gamma > 0:
+            raise ValueError(f"lora_ga_gamma must be a positive number, got lora_ga_gamma={lora_ga_gamma!r}")
         self.r = r
         self.alpha = float(alpha)
         self.dropout = float(dropout)
         self.rslora = rslora
         self.init = init
+        self.svd_niter = svd_niter
+        self.init_batches = init_batches
+        self.lora_ga_gamma = float(lora_ga_gamma)
 
     @property
     def scaling(self) -> float:
@@ -94,7 +130,22 @@ class LoRA(PEFTMethod):
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, (*linear_types(), nn.Embedding))
 
+    @property
+    def moves_base(self) -> bool:
+        """Whether the init starts ``B A`` away from zero (and so carries the initial factors)."""
+        return self.init in OFFSET_INITS
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the init needs training batches (LoRA-GA), run when fitting starts."""
+        return self.init == "lora_ga"
+
     def wrap(self, name: str, module: nn.Module) -> LoRALayer:
+        if self.moves_base and isinstance(module, nn.Embedding):
+            raise ValueError(
+                f"init={self.init!r} is defined for Linear and Conv1D layers; target {name!r} is an Embedding. "
+                f"Exclude it (exclude_modules=[{name.rsplit('.', 1)[-1]!r}]) or use init='kaiming' or 'gaussian'"
+            )
         return LoRALayer(module, self)
 
     # -- HF peft adapter_config.json ---------------------------------------------------------------
@@ -105,23 +156,38 @@ class LoRA(PEFTMethod):
         # ``targets`` are already wrapped when this runs (save_adapter): look at the layer inside the wrapper,
         # or every Conv1D model would be written with fan_in_fan_out=false.
         layers = [getattr(modules[t], "base_layer", modules[t]) for t in targets]
+        # An init that moved the base is written as the equivalent plain LoRA of rank 2r against the
+        # ORIGINAL base (A' = [A; A0], B' = [B, -B0], see LoRALayer.peft_state_dict), with alpha adjusted
+        # so alpha / r (or alpha / sqrt(r)) is unchanged: what peft's own conversion writes.
+        r, alpha = self.r, self.alpha
+        if self.moves_base:
+            r, alpha = 2 * self.r, self.alpha * (math.sqrt(2) if self.rslora else 2)
         return {
             "peft_type": "LORA",
-            "r": self.r,
-            "lora_alpha": self.alpha,
+            "r": r,
+            "lora_alpha": alpha,
             "lora_dropout": self.dropout,
             "use_rslora": self.rslora,
             "use_dora": False,
             "bias": "none",
             # peft transposes Conv1D deltas when this is set; it must reflect the targets' layout.
             "fan_in_fan_out": any(isinstance(layer, Conv1D) for layer in layers),
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
         }
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> LoRA:
-        if config.get("use_dora"):
-            raise ValueError("this adapter uses DoRA (use_dora=true); load it with the DoRA method")
+        if config.get("use_dora") and cls is LoRA:
+            from lightning_peft.methods.dora import DoRA
+
+            return DoRA.from_peft_config(config)
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_MOVING_INITS):
+            raise ValueError(
+                f"this adapter was saved with init_lora_weights={init!r} and not converted: its tensors are relative "
+                f"to base weights peft modified in place, so against the original model they are wrong. Save it "
+                f"from peft with path_initial_model_for_weight_conversion=... (a rank-2r LoRA against the original base)"
+            )
         # peft options this LoRA does not implement. Ignoring them would load without complaint and give
         # wrong outputs (alpha_pattern changes only the scale) or fail later with a confusing shape error.
         unsupported = {key: config[key] for key in _UNSUPPORTED_PEFT_FIELDS if config.get(key)}
@@ -130,7 +196,6 @@ class LoRA(PEFTMethod):
         if unsupported:
             fields = ", ".join(f"{key}={value!r}" for key, value in unsupported.items())
             raise ValueError(f"this adapter uses peft options lightning_peft's LoRA does not support: {fields}")
-        init = config.get("init_lora_weights", True)
         return cls(
             r=int(config["r"]),
             alpha=float(config.get("lora_alpha", 8)),
@@ -188,55 +253,116 @@ class LoRALayer(AdapterLayer):
         self.kind, in_features, out_features = _layer_shape(base_layer)
         self.r = config.r
         self.scaling = config.scaling
+        self.init = config.init
+        self.svd_niter = config.svd_niter
         device = _adapter_device(base_layer)
         # (r, in) and (out, r); for embeddings in=num_embeddings, out=embedding_dim.
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=torch.float32, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r, dtype=torch.float32, device=device))
+        if config.moves_base:
+            # The initial factors, subtracted in forward; zero until an init fills them.
+            self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
+            self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
+        else:
+            self.lora_A0 = self.lora_B0 = None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and self.kind != "embedding" else nn.Identity()
-        self.reset_adapter(config.init)
+        self.reset_adapter()
+
+    @property
+    def has_initial_factors(self) -> bool:
+        return self.lora_A0 is not None
 
     @torch.no_grad()
-    def reset_adapter(self, init: LoRAInit = "kaiming") -> None:
+    def reset_adapter(self, init: LoRAInit | None = None) -> None:
+        init = init or self.init
         if self.lora_A.is_meta:
             return  # materialised later (e.g. FSDP2 ``to_empty`` + ``reset_adapter``)
         if self.kind == "embedding":
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
             return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        if init == "pissa":
+            self.set_initial_factors(*pissa_factors(self.linear_weight(), self.r, self.scaling, self.svd_niter))
+        elif init == "olora":
+            self.set_initial_factors(*olora_factors(self.linear_weight(), self.r))
+        else:  # kaiming, gaussian, and lora_ga until its gradient estimate arrives
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+            if self.has_initial_factors:
+                self.lora_A0.zero_()
+                self.lora_B0.zero_()
+
+    @torch.no_grad()
+    def set_initial_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Start the adapter at ``(A, B)`` and record them as the factors to subtract, so the layer's
+        output is unchanged (only for layers built with a base-moving init)."""
+        if not self.has_initial_factors:
+            raise ValueError(f"this layer was built with init={self.init!r}, which keeps no initial factors")
+        for target, value in ((self.lora_A, A), (self.lora_B, B), (self.lora_A0, A), (self.lora_B0, B)):
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    def linear_weight(self) -> torch.Tensor:
+        """The base weight as float32 in the (out, in) orientation of ``B @ A`` (dequantized if k-bit)."""
+        weight = self.base_layer.weight
+        if getattr(weight, "quant_state", None) is not None or not weight.is_floating_point():
+            from lightning_peft.quantization.replace import dequantized_weight
+
+            return dequantized_weight(self.base_layer)
+        weight = weight.detach().float()
+        return weight if self.kind == "linear" else weight.T
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return result
+        return result + (self.lora_update(x) * self.scaling).to(result.dtype)
+
+    def lora_update(self, x: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        """``B A x`` (minus ``B0 A0 x`` for a base-moving init), unscaled, float32."""
         if self.kind == "embedding":
             base = self.base_layer
             # Look up columns of A as if A^T were an embedding table: (..., r).
             after_a = F.embedding(x, self.lora_A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            update = F.linear(after_a, self.lora_B)  # (..., dim)
-        else:
-            h = self.dropout(x).to(self.lora_A.dtype)
-            update = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (..., r) -> (..., out)
-        return result + (update * self.scaling).to(result.dtype)
+            return F.linear(after_a, self.lora_B)  # (..., dim)
+        h = (self.dropout(x) if dropout else x).to(self.lora_A.dtype)
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (..., r) -> (..., out)
+        if self.has_initial_factors:
+            # Two separate products rather than one of rank 2r: at step 0 the difference is exactly zero.
+            update = update - F.linear(F.linear(h, self.lora_A0), self.lora_B0)
+        return update
 
     def delta_weight(self) -> torch.Tensor:
-        delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in); embedding: (dim, num)
+        product = self.lora_B @ self.lora_A
+        if self.has_initial_factors:
+            product = product - self.lora_B0 @ self.lora_A0
+        delta = product * self.scaling  # (out, in); embedding: (dim, num)
         # Linear stores (out, in); Conv1D (in, out) and Embedding (num, dim) store the transpose.
         return delta if self.kind == "linear" else delta.T
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         if self.kind == "embedding":
             return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
+        if self.has_initial_factors:
+            # The rank-2r adapter that is exact against the original base: s [B, -B0] [A; A0] = s (B A - B0 A0).
+            return {
+                "lora_A.weight": torch.cat([self.lora_A, self.lora_A0], dim=0),
+                "lora_B.weight": torch.cat([self.lora_B, -self.lora_B0], dim=1),
+            }
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
 
     @torch.no_grad()
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, param in self.peft_state_dict().items():
+        if self.has_initial_factors and self.kind != "embedding":
+            A, B = tensors["lora_A.weight"], tensors["lora_B.weight"]
+            r = self.r
+            for target, value in ((self.lora_A, A[:r]), (self.lora_A0, A[r:]), (self.lora_B, B[:, :r]), (self.lora_B0, -B[:, r:])):
+                target.copy_(value.to(target.dtype))
+            return
+        for key, param in LoRALayer.peft_state_dict(self).items():  # LoRA's own keys, also in subclasses
             param.copy_(tensors[key].to(param.dtype))
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}"
+        return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, init={self.init}"

@@ -53,7 +53,7 @@ def requantize_merge(layer: AdapterLayer) -> float:
     weight the unmerged adapted layer multiplies by).
     """
     base = layer.base_layer
-    exact = dequantized_weight(base) + layer.delta_weight().to(base.weight.device)
+    exact = layer.merged_weight(dequantized_weight(base))
     if not torch.isfinite(exact).all():
         raise ValueError(f"merging {type(layer).__name__} would put non-finite values into the base weight")
     state = getattr(base.weight, "quant_state", None)
