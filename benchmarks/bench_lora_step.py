@@ -78,23 +78,28 @@ def checkpoint_bytes(state: dict[str, torch.Tensor]) -> int:
     return buffer.tell()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_benchmark_parser(description: str, steps: int, targets: str) -> argparse.ArgumentParser:
+    """The arguments every step-time benchmark takes (model, device, dtype, batch, steps, rank, targets)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="assets/smollm2-135m-instruct", help=f"model path/Hub id, or a random shape: {sorted(RANDOM_SHAPES)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per variant (after 2 warm-up steps)")
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--targets", default="q_proj,v_proj")
-    args = parser.parse_args()
+    parser.add_argument("--targets", default=targets, help="comma-separated module names, or all-linear")
+    return parser
+
+
+def main() -> None:
+    args = step_benchmark_parser(__doc__, steps=12, targets="q_proj,v_proj").parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     base = load_model(args.model, dtype).to(device).train()
-    targets = args.targets.split(",")
+    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_qlora_quality.py                 # configs/qlora.yaml, 30 steps each (~10 min on 2 cores)
     python benchmarks/bench_qlora_quality.py --steps 15
+    python benchmarks/bench_qlora_quality.py --model DIR --text FILE   # another safetensors causal LM / text
 
 The QLoRA paper (Dettmers et al., 2023, Sec. 4 and Table 3-4) reports that NF4 with double
 quantization recovers 16-bit LoRA quality: the adapters learn to compensate the quantization error.
@@ -38,7 +39,7 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, extra: list[str], steps: int, workdir: Path) -> tuple[float, float, float]:
+def run_variant(name: str, extra: list[str], steps: int, workdir: Path, model: str | None, text: str | None) -> tuple[float, float, float]:
     """Run the CLI once; return (perplexity before, perplexity after, wall seconds)."""
     command = [
         sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(REPO / "configs" / "qlora.yaml"),
@@ -53,6 +54,10 @@ def run_variant(name: str, extra: list[str], steps: int, workdir: Path) -> tuple
         "--model.init_args.optimizer.init_args.weight_decay=0.0",
         *extra,
     ]  # fmt: skip
+    if model:
+        command += [f"--model.init_args.model_name_or_path={model}", f"--data.init_args.tokenizer={model}"]
+    if text:
+        command += [f"--data.init_args.train_file={text}"]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -65,11 +70,13 @@ def run_variant(name: str, extra: list[str], steps: int, workdir: Path) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps for each variant")
+    parser.add_argument("--model", default=None, help="a safetensors causal-LM directory or Hub id (default: the config's SmolLM2)")
+    parser.add_argument("--text", default=None, help="a plain-text file (default: the config's Hamlet)")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         for name, extra in VARIANTS.items():
-            results[name] = run_variant(name, extra, args.steps, Path(workdir))
+            results[name] = run_variant(name, extra, args.steps, Path(workdir), args.model, args.text)
             before, after, seconds = results[name]
             print(f"{name:>11}: held-out perplexity {before:7.2f} -> {after:7.2f} after {args.steps} steps ({seconds:.0f} s)", flush=True)
     lora, qlora = results["lora-16bit"][1], results["qlora-nf4"][1]

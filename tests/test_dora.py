@@ -37,7 +37,7 @@ def randomize(model: nn.Module, seed: int = 100) -> None:
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=generator) * 0.1)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
             m = layer.lora_magnitude_vector
-            m.mul_(1 + 0.3 * torch.rand(m.shape, generator=generator))
+            m.mul_(1 + 0.3 * torch.rand(m.shape, generator=generator).to(m.device))
 
 
 def dora_pair(case: str) -> tuple[nn.Module, nn.Module]:
@@ -184,22 +184,31 @@ def test_norm_is_detached_as_in_the_paper():
     torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_dora_on_a_4bit_base_equals_dora_on_the_dequantized_weights():
-    quantized = tiny_llama(0)
-    quantize_model(quantized, Quantization(compute_dtype="float32"))
+def quantized_dora_and_twin(compute_dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, nn.Module]:
+    """A tiny Llama with DoRA on an NF4 base, and its reference: the same DoRA tensors on plain layers
+    holding ``dequantize_4bit`` of each 4-bit weight."""
+    quantized = tiny_llama(0).to(device)
+    quantize_model(quantized, Quantization(compute_dtype=compute_dtype), device=device)
     apply_peft(quantized, DoRA(r=4, alpha=8, target_modules="all-linear"))
     randomize(quantized)
     twin = tiny_llama(0)
     with torch.no_grad():
         for name, module in quantized.named_modules():
-            if hasattr(module, "weight") and getattr(module.weight, "quant_state", None) is not None:
-                twin.get_submodule(name.removesuffix(".base_layer")).weight.copy_(bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state))
+            if getattr(getattr(module, "weight", None), "quant_state", None) is not None:
+                weight = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state).cpu()
+                twin.get_submodule(name.removesuffix(".base_layer")).weight.copy_(weight)
+    twin = twin.to(device)
     apply_peft(twin, DoRA(r=4, alpha=8, target_modules="all-linear"))
     with torch.no_grad():
         layers = dict(adapter_layers(quantized))
         for name, layer in adapter_layers(twin):
             for attr in ("lora_A", "lora_B", "lora_magnitude_vector"):
                 getattr(layer, attr).copy_(getattr(layers[name], attr))
+    return quantized, twin
+
+
+def test_dora_on_a_4bit_base_equals_dora_on_the_dequantized_weights():
+    quantized, twin = quantized_dora_and_twin()
     ids = input_ids()
     out, ref = quantized(input_ids=ids, labels=ids), twin(input_ids=ids, labels=ids)
     torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
@@ -229,3 +238,20 @@ def test_bad_dora_input_is_named():
     with pytest.raises(ValueError, match=r"Conv2d"):
         apply_peft(model, DoRA(target_modules=["0"]))
     assert isinstance(LoRA(), LoRA) and not isinstance(LoRA(), DoRA)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compute_dtype,tolerance", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_gpu_qdora_equals_dora_on_the_dequantized_weights(compute_dtype, tolerance):
+    quantized, twin = quantized_dora_and_twin(compute_dtype, device="cuda")
+    ids = input_ids().cuda()
+    out, ref = quantized(input_ids=ids, labels=ids), twin(input_ids=ids, labels=ids)
+    assert float((out.logits.float() - ref.logits.float()).norm() / ref.logits.float().norm()) < tolerance
+    out.loss.backward()
+    ref.loss.backward()
+    ref_params = dict(twin.named_parameters())
+    for name, param in quantized.named_parameters():
+        if param.requires_grad:
+            expected = ref_params[name].grad
+            assert float((param.grad - expected).norm() / expected.norm()) < max(tolerance, 1e-4), name

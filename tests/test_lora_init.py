@@ -263,3 +263,21 @@ def test_unconverted_peft_pissa_file_is_refused(tmp_path):
     theirs.save_pretrained(tmp_path / "pissa")
     with pytest.raises(ValueError, match=r"init_lora_weights='pissa' and not converted"):
         load_adapter(tiny_llama(0), tmp_path / "pissa")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_lora_ga_through_the_trainer_on_a_4bit_base(tmp_path):
+    module = LitCausalLM()
+    callback = PEFTCallback(LoRA(r=2, target_modules=QV, init="lora_ga", init_batches=2), quantization=Quantization(compute_dtype="float32"))
+    trainer = make_trainer(tmp_path, accelerator="gpu", max_steps=0, callbacks=[callback])
+    trainer.fit(module, train_dataloaders=token_loader(n_batches=3))
+    layers = dict(adapter_layers(module.model))
+    assert all(layer.lora_B.abs().max() > 1e-4 for layer in layers.values())  # estimated on the GPU (fit moves the model back after)
+    module.model.cuda().eval()
+    out = logits(module.model, input_ids().cuda()).cpu()
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.zero_()
+            layer.lora_B0.zero_()
+    torch.testing.assert_close(logits(module.model, input_ids().cuda()).cpu(), out, rtol=0, atol=1e-5)
