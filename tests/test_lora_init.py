@@ -281,3 +281,26 @@ def test_gpu_lora_ga_through_the_trainer_on_a_4bit_base(tmp_path):
             layer.lora_B.zero_()
             layer.lora_B0.zero_()
     torch.testing.assert_close(logits(module.model, input_ids().cuda()).cpu(), out, rtol=0, atol=1e-5)
+
+
+class _SameInitOnEveryRank(__import__("lightning").pytorch.Callback):
+    """Runs in each DDP process after LoRA-GA: every rank must hold the same initial factors, and the
+    ranks' data shards must differ (so the all-reduce is what made them equal)."""
+
+    def on_train_start(self, trainer, pl_module):
+        layers = dict(adapter_layers(pl_module.model))
+        for name, layer in layers.items():
+            gathered = trainer.strategy.all_gather(layer.lora_A0)  # (world, r, in)
+            assert torch.equal(gathered[0], gathered[1]), f"rank factors differ for {name}"
+            assert layer.lora_B0.abs().max() > 1e-4
+        first = next(iter(trainer.train_dataloader))["input_ids"]
+        shards = trainer.strategy.all_gather(first)
+        assert not torch.equal(shards[0], shards[1]), "both ranks saw the same batch"
+
+
+def test_lora_ga_is_identical_on_every_ddp_rank(tmp_path):
+    method = LoRA(r=2, alpha=4, target_modules=QV, init="lora_ga", init_batches=2)
+    trainer = make_trainer(
+        tmp_path, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[PEFTCallback(method), _SameInitOnEveryRank()]
+    )
+    trainer.fit(LitCausalLM(), train_dataloaders=token_loader(n_batches=4))
