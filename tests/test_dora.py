@@ -255,3 +255,15 @@ def test_gpu_qdora_equals_dora_on_the_dequantized_weights(compute_dtype, toleran
         if param.requires_grad:
             expected = ref_params[name].grad
             assert float((param.grad - expected).norm() / expected.norm()) < max(tolerance, 1e-4), name
+
+
+def test_validation_under_inference_mode_then_training():
+    # Lightning validates under torch.inference_mode; a norm cached there must not reach autograd.
+    layer = DoRALayer(nn.Linear(24, 40), DoRA(r=4))
+    nn.init.normal_(layer.lora_B)
+    layer.eval()
+    with torch.inference_mode():
+        layer(torch.randn(3, 24))
+    layer.train()
+    layer(torch.randn(3, 24)).sum().backward()
+    assert layer.lora_magnitude_vector.grad.abs().sum() > 0 and layer.lora_A.grad.abs().sum() > 0

@@ -65,9 +65,10 @@ class DoRALayer(LoRALayer):
         weight = self.linear_weight()  # (out, in) float32
         # ||W||^2 per row: W is frozen, so computed once (recomputed if the weight tensor is replaced
         # or changed in place, see _squared_row_norms).
-        self._weight_sq: torch.Tensor | None = None
-        self._weight_key: tuple[int, int] | None = None
-        self._norm_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        # Caches keyed by what they depend on, one per inference-mode state: a tensor made under
+        # torch.inference_mode (Lightning's validation) must never reach autograd in training.
+        self._weight_sq: dict[bool, tuple[tuple[int, int], torch.Tensor]] = {}
+        self._norm_cache: dict[bool, tuple[tuple[int, ...], torch.Tensor]] = {}
         self._merged_norm: torch.Tensor | None = None
         self.lora_magnitude_vector = nn.Parameter(self._row_norm(weight))
 
@@ -82,19 +83,20 @@ class DoRALayer(LoRALayer):
         return (weight.data_ptr(), weight._version)
 
     def _squared_row_norms(self) -> torch.Tensor:
-        key = self._base_key()
-        if self._weight_sq is None or self._weight_key != key:
-            self._weight_sq = self.linear_weight().square().sum(dim=1)
-            self._weight_key = key
-        return self._weight_sq
+        key, mode = self._base_key(), torch.is_inference_mode_enabled()
+        cached = self._weight_sq.get(mode)
+        if cached is None or cached[0] != key:
+            cached = self._weight_sq[mode] = (key, self.linear_weight().square().sum(dim=1))
+        return cached[1]
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """``n = ||W + s B A||_row`` (detached), from the expansion in the module docstring, cached."""
         A, B = self.lora_A, self.lora_B
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), *self._base_key())
-        if self._norm_cache is not None and self._norm_cache[0] == key:
-            return self._norm_cache[1]
+        key, mode = (A._version, B._version, A.data_ptr(), B.data_ptr(), *self._base_key()), torch.is_inference_mode_enabled()
+        cached = self._norm_cache.get(mode)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         weight = self.base_layer.weight
         if getattr(weight, "quant_state", None) is None and weight.is_floating_point():
             # A W^T without a float32 copy of W: W's own dtype, float32 accumulate, result cast up.
@@ -107,7 +109,7 @@ class DoRALayer(LoRALayer):
         own = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||(B A)_i||^2
         squared = self._squared_row_norms() + 2 * self.scaling * cross + self.scaling**2 * own
         norm = squared.clamp_min(0).sqrt()
-        self._norm_cache = (key, norm)
+        self._norm_cache[mode] = (key, norm)
         return norm
 
     # -- forward ----------------------------------------------------------------------------------
