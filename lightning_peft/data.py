@@ -277,7 +277,31 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], max_length: int) -> d
     return {"input_ids": ids, "labels": labels}
 
 
-class ChatDataModule(_TokenizedDataModule):
+class _SplitFilesDataModule(_TokenizedDataModule):
+    """A train file and a validation file of examples, each cut to ``max_length`` tokens, with
+    ``max_*_samples`` keeping the first examples of each (chat and classification)."""
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_file: str,
+        val_file: str,
+        max_length: int,
+        batch_size: int,
+        num_workers: int,
+        max_train_samples: Optional[int],
+        max_val_samples: Optional[int],
+    ) -> None:
+        super().__init__(tokenizer, batch_size, num_workers)
+        _check_positive(max_length=max_length, max_train_samples=max_train_samples, max_val_samples=max_val_samples)
+        self.train_file = train_file
+        self.val_file = val_file
+        self.max_length = max_length
+        self.max_train_samples = max_train_samples
+        self.max_val_samples = max_val_samples
+
+
+class ChatDataModule(_SplitFilesDataModule):
     """Supervised fine-tuning on JSONL conversations, loss on the assistant's replies only.
 
     Each line is ``{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}``,
@@ -302,14 +326,8 @@ class ChatDataModule(_TokenizedDataModule):
         max_train_samples: Optional[int] = None,
         max_val_samples: Optional[int] = None,
     ) -> None:
-        super().__init__(tokenizer, batch_size, num_workers)
-        _check_positive(max_length=max_length, max_train_samples=max_train_samples, max_val_samples=max_val_samples)
+        super().__init__(tokenizer, train_file, val_file, max_length, batch_size, num_workers, max_train_samples, max_val_samples)
         self.save_hyperparameters()
-        self.train_file = train_file
-        self.val_file = val_file
-        self.max_length = max_length
-        self.max_train_samples = max_train_samples
-        self.max_val_samples = max_val_samples
         self.num_dropped: dict[str, int] = {}
 
     def _encode_file(self, path: str, what: str, limit: Optional[int]) -> _ListDataset:
@@ -336,7 +354,7 @@ class ChatDataModule(_TokenizedDataModule):
         )
 
 
-class ClassificationDataModule(_TokenizedDataModule):
+class ClassificationDataModule(_SplitFilesDataModule):
     """Sequence classification from a CSV or JSONL file (chosen by extension) with integer labels.
 
     Texts are truncated to ``max_length`` tokens and padded per batch to the longest one (dynamic
@@ -362,16 +380,10 @@ class ClassificationDataModule(_TokenizedDataModule):
         max_train_samples: Optional[int] = None,
         max_val_samples: Optional[int] = None,
     ) -> None:
-        super().__init__(tokenizer, batch_size, num_workers)
-        _check_positive(max_length=max_length, max_train_samples=max_train_samples, max_val_samples=max_val_samples)
+        super().__init__(tokenizer, train_file, val_file, max_length, batch_size, num_workers, max_train_samples, max_val_samples)
         self.save_hyperparameters()
-        self.train_file = train_file
-        self.val_file = val_file
         self.text_column = text_column
         self.label_column = label_column
-        self.max_length = max_length
-        self.max_train_samples = max_train_samples
-        self.max_val_samples = max_val_samples
         self.num_labels: Optional[int] = None
 
     def _read_rows(self, path: Path) -> list[dict[str, Any]]:

@@ -16,9 +16,8 @@ from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.merge import merged_state_dict
 from lightning_peft.methods.dora import DoRALayer
 from lightning_peft.quantization import quantize_model
-from tiny_models import input_ids, logits, peft_adapter_params, tiny_gpt2, tiny_llama
+from tiny_models import LLAMA_ALL, input_ids, logits, peft_adapter_params, tiny_gpt2, tiny_llama
 
-LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 CASES = {
     "llama-linear": (tiny_llama, dict(r=4, alpha=8, target_modules=LLAMA_ALL)),

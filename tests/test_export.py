@@ -25,6 +25,7 @@ from lightning_peft import (
 )
 from lightning_peft.core.adapter_layer import adapter_layers
 from tiny_models import (
+    LLAMA_ALL,
     input_ids,
     logits,
     peft_lora_names,
@@ -35,7 +36,6 @@ from tiny_models import (
     tiny_llama_classifier,
 )
 
-LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> (builder, LoRA kwargs, peft task_type)
 CASES = {

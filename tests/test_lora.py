@@ -15,6 +15,7 @@ from lightning_peft import LoRA, apply_peft, disable_adapters, merge_adapters, p
 from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.merge import merged_state_dict
 from tiny_models import (
+    LLAMA_ALL,
     copy_adapters_to_peft,
     input_ids,
     logits,
@@ -26,7 +27,6 @@ from tiny_models import (
     tiny_llama_classifier,
 )
 
-LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_ALL = ["c_attn", "c_proj", "c_fc"]
 
 

@@ -20,6 +20,7 @@ from lightning_peft.methods.lora_ga import estimate_weight_gradients
 from lightning_peft.methods.lora_init import lora_ga_factors
 from lightning_peft.quantization import quantize_model
 from lightning_helpers import LitCausalLM, make_trainer, token_batches, token_loader
+from lightning_helpers import tiny_llama as lightning_tiny_llama
 from tiny_models import input_ids, logits, peft_adapter_params, tiny_gpt2, tiny_llama
 
 QV = ["q_proj", "v_proj"]
@@ -189,20 +190,14 @@ def test_export_reproduces_the_trained_model_on_the_original_base(tmp_path, init
     trainer = make_trainer(tmp_path, max_steps=3, callbacks=[PEFTCallback(method)])
     trainer.fit(module, train_dataloaders=token_loader(n_batches=3))
     trained = logits(module.model)
-    assert (trained - logits(tiny_llama_lh(0))).abs().max() > 1e-3  # training moved it
+    assert (trained - logits(lightning_tiny_llama(0).eval())).abs().max() > 1e-3  # training moved it
     save_adapter(module.model, tmp_path / "adapter")
-    peft_loaded = PeftModel.from_pretrained(tiny_llama_lh(0), tmp_path / "adapter")  # the ORIGINAL base
+    peft_loaded = PeftModel.from_pretrained(lightning_tiny_llama(0).eval(), tmp_path / "adapter")  # the ORIGINAL base
     assert peft_loaded.peft_config["default"].r == 8  # rank 2r: [A; A0], [B, -B0]
     torch.testing.assert_close(logits(peft_loaded), trained, rtol=0, atol=1e-4)
     save_merged(module.model, tmp_path / "merged", dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     torch.testing.assert_close(logits(merged), trained, rtol=0, atol=1e-4)
-
-
-def tiny_llama_lh(seed: int) -> nn.Module:
-    from lightning_helpers import tiny_llama as lightning_tiny_llama
-
-    return lightning_tiny_llama(seed).eval()
 
 
 def test_lora_ga_resumes_from_an_adapter_only_checkpoint(tmp_path):

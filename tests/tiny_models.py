@@ -91,6 +91,8 @@ def tiny_bert(seed: int = 0, hidden: int = 32, num_labels: int = 3) -> BertForSe
 
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+# Every linear layer of a Llama decoder block, by its suffix.
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def input_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:

@@ -20,6 +20,12 @@ from torch import nn
 BASE_LAYER = "base_layer"
 
 
+def is_kbit_weight(weight: torch.Tensor) -> bool:
+    """A bitsandbytes k-bit weight: packed 4-bit codes (``quant_state``, possibly stored in a float
+    dtype) or LLM.int8 integers. Such a weight cannot be read or written as the matrix it stands for."""
+    return not weight.is_floating_point() or getattr(weight, "quant_state", None) is not None
+
+
 class AdapterLayer(nn.Module):
     """A module that wraps ``base_layer`` and adds trainable adapter tensors beside it.
 
@@ -79,7 +85,7 @@ class AdapterLayer(nn.Module):
 
     def _base_weight_float(self) -> torch.Tensor:
         weight = self.base_layer.weight
-        if not weight.is_floating_point() or getattr(weight, "quant_state", None) is not None:
+        if is_kbit_weight(weight):
             # k-bit (bitsandbytes) weights hold packed codes: adding floats to them would corrupt them. Merging
             # needs a requantization, which merge_adapters(model, requantize=True) does on explicit request.
             raise ValueError(

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.core.adapter_layer import is_kbit_weight
 from lightning_peft.methods.lora import LoRA, LoRALayer
 
 
@@ -98,7 +99,7 @@ class DoRALayer(LoRALayer):
         if cached is not None and cached[0] == key:
             return cached[1]
         weight = self.base_layer.weight
-        if getattr(weight, "quant_state", None) is None and weight.is_floating_point():
+        if not is_kbit_weight(weight):
             # A W^T without a float32 copy of W: W's own dtype, float32 accumulate, result cast up.
             stored = weight.detach()
             a = A.to(stored.dtype)
@@ -128,10 +129,9 @@ class DoRALayer(LoRALayer):
         # Dropout in training: the rescaled base term must see the dropped input (peft's formula), which
         # costs the second base product: y = base(x) + (m/n - 1) W d(x) + (m/n) s B A d(x).
         dropped = self.dropout(x)
-        weight = self.linear_weight() if getattr(self.base_layer.weight, "quant_state", None) is not None else None
-        if weight is None:
-            stored = self.base_layer.weight
-            weight = stored if self.kind == "linear" else stored.T
+        stored = self.base_layer.weight
+        # k-bit (4-bit or int8) weights are dequantized; others are used as stored, without a float32 copy.
+        weight = self.linear_weight() if is_kbit_weight(stored) else self._to_linear(stored)
         base_dropped = F.linear(dropped.to(weight.dtype), weight)
         update = self.lora_update(dropped, dropout=False) * self.scaling
         extra = (scale - 1).to(result.dtype) * base_dropped.to(result.dtype) + scale.to(result.dtype) * update.to(result.dtype)
@@ -141,13 +141,19 @@ class DoRALayer(LoRALayer):
     def _to_linear(self, weight: torch.Tensor) -> torch.Tensor:
         return weight if self.kind == "linear" else weight.T
 
+    def _unit_rows(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W + dW, ||W + dW||_row)`` in the linear orientation, for ``W`` in the base's layout."""
+        linear = self._to_linear(weight) + self._to_linear(self.delta_weight().to(weight.device))
+        return linear, torch.linalg.norm(linear, dim=1)
+
+    def _rescaled(self, linear: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        factor = self.lora_magnitude_vector.detach().to(linear.device) / norm
+        return self._to_linear(factor[:, None] * linear)
+
     @torch.no_grad()
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``m / ||W + dW||_row * (W + dW)`` for the given ``W`` (float32, base layout)."""
-        linear = self._to_linear(weight) + self._to_linear(self.delta_weight().to(weight.device))
-        norm = torch.linalg.norm(linear, dim=1)
-        factor = self.lora_magnitude_vector.detach().to(weight.device) / norm
-        return self._to_linear(factor[:, None] * linear)
+        return self._rescaled(*self._unit_rows(weight))
 
     @torch.no_grad()
     def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
@@ -157,13 +163,15 @@ class DoRALayer(LoRALayer):
         linear = self._to_linear(merged) / factor[:, None] - self._to_linear(self.delta_weight().to(merged.device))
         return self._to_linear(linear)
 
+    @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
-        weight = self._base_weight_float()
+        linear, norm = self._unit_rows(self._base_weight_float())
+        self._set_base_weight(self._rescaled(linear, norm))
         # Kept for unmerge: the merged weight no longer tells what ||W + dW|| was.
-        self._merged_norm = torch.linalg.norm(self._to_linear(weight) + self._to_linear(self.delta_weight().to(weight.device)), dim=1)
-        super().merge()
+        self._merged_norm = norm
+        self.merged = True
 
     def unmerge(self) -> None:
         super().unmerge()

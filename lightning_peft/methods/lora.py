@@ -35,19 +35,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer
+from lightning_peft.core.adapter_layer import AdapterLayer, is_kbit_weight
 from lightning_peft.core.targets import TargetSpec, linear_types
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.lora_init import olora_factors, pissa_factors
 
 LoRAInit = Literal["kaiming", "gaussian", "pissa", "olora", "lora_ga"]
-INITS = ("kaiming", "gaussian", "pissa", "olora", "lora_ga")
+INITS: tuple[str, ...] = get_args(LoRAInit)
 #: Inits that start B A away from zero and so carry the frozen initial factors A0, B0.
 OFFSET_INITS = ("pissa", "olora", "lora_ga")
 #: peft ``init_lora_weights`` values whose saved tensors are relative to a base peft modified in place.
@@ -307,7 +307,7 @@ class LoRALayer(AdapterLayer):
     def linear_weight(self) -> torch.Tensor:
         """The base weight as float32 in the (out, in) orientation of ``B @ A`` (dequantized if k-bit)."""
         weight = self.base_layer.weight
-        if getattr(weight, "quant_state", None) is not None or not weight.is_floating_point():
+        if is_kbit_weight(weight):
             from lightning_peft.quantization.replace import dequantized_weight
 
             return dequantized_weight(self.base_layer)

@@ -36,7 +36,7 @@ def estimate_weight_gradients(
 
     ``loss_fn(batch)`` runs the forward pass and returns the scalar loss; this function calls backward.
     """
-    sums = {name: torch.zeros_like(layer.lora_B @ layer.lora_A) for name, layer in layers.items()}
+    sums = {name: layer.lora_B.new_zeros(layer.lora_B.shape[0], layer.lora_A.shape[1]) for name, layer in layers.items()}  # (out, in)
     counts = dict.fromkeys(layers, 0)
 
     def record(name: str) -> Callable[..., None]:
