@@ -8,7 +8,7 @@ from lightning_peft.core.fingerprint import BaseModelMismatchError
 from lightning_peft.core.injection import apply_peft, parameter_summary
 from lightning_peft.export.peft_format import AdapterFileError, load_adapter, save_adapter
 from lightning_peft.merge import disable_adapters, merge_adapters, unmerge_adapters
-from lightning_peft.methods import DoRA, LoRA, PEFTMethod
+from lightning_peft.methods import IA3, Adapter, BitFit, Compacter, DoRA, LoRA, PEFTMethod
 from lightning_peft.mixin import PEFTMixin
 from lightning_peft.optim import ParamGroups, apply_lr_scales, build_param_groups, lr_multipliers, param_groups
 from lightning_peft.quantization import Quantization
@@ -16,9 +16,13 @@ from lightning_peft.quantization import Quantization
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "AdapterFileError",
     "BaseModelMismatchError",
+    "BitFit",
+    "Compacter",
     "DoRA",
+    "IA3",
     "LoRA",
     "PEFTCallback",
     "PEFTMethod",

@@ -1,6 +1,7 @@
 """Merging adapters into the base weights, and switching them off.
 
-Merging folds ``delta_weight`` into each base weight, so inference costs what the base model costs.
+Merging folds each adapter into its base weight (and bias, for methods that change it: (IA)3, BitFit),
+so inference costs what the base model costs.
 With ``unload=True`` (the default) the wrappers are removed as well and the model's state dict has
 exactly the base model's keys: ready for ``save_pretrained``. With ``unload=False`` the wrappers stay,
 merged, and :func:`unmerge_adapters` restores the separate adapters (e.g. to keep training).
@@ -50,6 +51,18 @@ def _refuse_tied_weights(model: nn.Module, layers: list[tuple[str, AdapterLayer]
             )
 
 
+def _refuse_unmergeable(layers: list[tuple[str, AdapterLayer]]) -> None:
+    """Raise if an adapter adds computation that no base weight can absorb (bottleneck adapters and
+    Compacter add a small network after a layer; its non-linearity has no weight-space equivalent)."""
+    cannot = [name for name, layer in layers if not layer.can_merge]
+    if cannot:
+        kinds = sorted({type(layer).__name__ for name, layer in layers if name in cannot})
+        raise ValueError(
+            f"adapters at {cannot[:3]} ({', '.join(kinds)}) cannot be merged into their base weights: they add modules "
+            f"to the forward pass. Serve the base model with the adapters loaded (lightning_peft.load_adapter) instead"
+        )
+
+
 def merge_adapters(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn.Module:
     """Merge every adapter into its base weight; with ``unload`` also drop the wrappers. Returns ``model``.
 
@@ -59,9 +72,7 @@ def merge_adapters(model: nn.Module, unload: bool = True, requantize: bool = Fal
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapters to merge")
-    cannot = [name for name, layer in layers if not layer.can_merge]
-    if cannot:
-        raise ValueError(f"adapters at {cannot[:3]} cannot be merged into their base weights")
+    _refuse_unmergeable(layers)
     pending = [(name, layer) for name, layer in layers if not layer.merged]
     kbit = _kbit_layers(pending)
     if kbit and not requantize:
@@ -133,6 +144,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None, dequan
     it is opt-in; ``save_merged`` re-reads the original weights from the checkpoint when it can.
     """
     layers = dict(adapter_layers(model))
+    _refuse_unmergeable(list(layers.items()))
     _refuse_tied_weights(model, [(n, layer) for n, layer in layers.items() if not layer.merged and not layer.disabled])
     from lightning_peft.quantization.replace import dequantized_weight, is_quantized_linear
 
@@ -164,8 +176,11 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None, dequan
             if not rest.startswith(BASE_LAYER + "."):
                 continue  # an adapter tensor: folded into the weight below
             layer = layers[owner]
-            if rest == f"{BASE_LAYER}.weight" and not layer.merged and not layer.disabled and kbit_owner is None:
+            merges = not layer.merged and not layer.disabled
+            if rest == f"{BASE_LAYER}.weight" and merges and kbit_owner is None:
                 tensor = layer.merged_weight(tensor.float()).to(tensor.dtype)
+            elif rest == f"{BASE_LAYER}.bias" and merges:
+                tensor = layer.merged_bias(tensor.float()).to(tensor.dtype)
             name = f"{owner}.{rest[len(BASE_LAYER) + 1:]}"
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)

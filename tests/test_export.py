@@ -324,8 +324,8 @@ def _rewrite_method_metadata(directory, edit) -> None:
 def test_unsupported_peft_type_and_dora(saved):
     config = json.loads((saved / "adapter_config.json").read_text())
     _rewrite_method_metadata(saved, lambda method: None)  # read it as a peft-written file
-    (saved / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
-    with pytest.raises(ValueError, match=r"unsupported adapter peft_type 'IA3'"):
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    with pytest.raises(ValueError, match=r"unsupported adapter peft_type 'LOHA'"):
         load_adapter(tiny_llama(0), saved)
     # use_dora=true reads as DoRA, whose magnitude vectors this LoRA file lacks: refused, not half-loaded.
     (saved / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))

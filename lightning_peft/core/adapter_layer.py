@@ -12,7 +12,7 @@ package asks about adapters, without sniffing parameter names:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -54,16 +54,19 @@ class AdapterLayer(nn.Module):
         return True
 
     def merge(self) -> None:
-        """Fold the adapter into ``base_layer.weight`` (in float32, cast back to the weight's dtype)."""
+        """Fold the adapter into ``base_layer.weight`` and, for methods that change it, ``base_layer.bias``
+        (in float32, cast back to each tensor's dtype)."""
         if self.merged:
             return
         self._set_base_weight(self.merged_weight(self._base_weight_float()))
+        self._set_base_bias(self.merged_bias)
         self.merged = True
 
     def unmerge(self) -> None:
         if not self.merged:
             return
         self._set_base_weight(self.unmerged_weight(self._base_weight_float()))
+        self._set_base_bias(self.unmerged_bias)
         self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
@@ -83,6 +86,35 @@ class AdapterLayer(nn.Module):
         """Inverse of :meth:`merged_weight` for a layer that is currently merged."""
         return merged - self.delta_weight().to(merged.device)
 
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """The bias that replaces ``bias`` (the unmerged base bias, float32) when merging.
+
+        Unchanged by default: LoRA and DoRA leave the bias alone. (IA)3's output scaling multiplies it,
+        BitFit adds its change to it.
+        """
+        return bias
+
+    def unmerged_bias(self, merged: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merged_bias` for a layer that is currently merged."""
+        return merged
+
+    def merged_parameter(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The merged value of the base layer's parameter ``name`` given its unmerged ``value`` (float32):
+        what merged state dicts and exports use, so weight and bias merge the same way everywhere."""
+        if name == "weight":
+            return self.merged_weight(value)
+        if name == "bias":
+            return self.merged_bias(value)
+        return value
+
+    def unmerged_parameter(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merged_parameter` for a layer that is currently merged."""
+        if name == "weight":
+            return self.unmerged_weight(value)
+        if name == "bias":
+            return self.unmerged_bias(value)
+        return value
+
     def _base_weight_float(self) -> torch.Tensor:
         weight = self.base_layer.weight
         if is_kbit_weight(weight):
@@ -95,11 +127,18 @@ class AdapterLayer(nn.Module):
         return weight.data.float()
 
     def _set_base_weight(self, value: torch.Tensor) -> None:
+        self._set_base_tensor(self.base_layer.weight, value, "weight")
+
+    def _set_base_bias(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            self._set_base_tensor(bias, change(bias.data.float()), "bias")
+
+    def _set_base_tensor(self, tensor: torch.Tensor, value: torch.Tensor, what: str) -> None:
         if not torch.isfinite(value).all():
             # Refuse rather than silently poison the base model: a diverged adapter shows up here.
-            raise ValueError(f"merging {type(self).__name__} would put non-finite values into the base weight")
-        weight = self.base_layer.weight
-        weight.data.copy_(value.to(device=weight.device, dtype=weight.dtype))
+            raise ValueError(f"merging {type(self).__name__} would put non-finite values into the base {what}")
+        tensor.data.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
 
     # -- adapter state that is not trained ----------------------------------------------------------
     def adapter_named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:

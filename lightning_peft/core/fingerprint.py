@@ -55,14 +55,14 @@ def _base_parameters(model: nn.Module, frozen_only: bool) -> dict[str, torch.Ten
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """``{"name_or_path": ..., "tensors": {name: [shape, sample_sum]}}`` over the frozen base parameters
     (fully trained ``modules_to_save`` are left out: they are stored in full beside the adapters)."""
-    # A merged layer's base weight holds W + delta: fingerprint the W the adapter belongs to, or an adapter
+    # A merged layer's base weight (and bias) holds W + delta: fingerprint the W the adapter belongs to, or an adapter
     # saved from a merged model (merge_adapters(unload=False)) would be refused by its own base.
-    merged = {f"{name}.weight": layer for name, layer in adapter_layers(model) if layer.merged}
+    merged = {f"{name}.{kind}": layer for name, layer in adapter_layers(model) if layer.merged for kind in ("weight", "bias")}
     tensors = {}
     for name, p in _base_parameters(model, frozen_only=True).items():
         if name in merged and p.is_floating_point() and getattr(p, "quant_state", None) is None:  # k-bit: shape only
             with torch.no_grad():
-                p = merged[name].unmerged_weight(p.float())
+                p = merged[name].unmerged_parameter(name.rsplit(".", 1)[1], p.float())
         tensors[name] = [_logical_shape(p), _sample_sum(p)]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     return {"name_or_path": name_or_path, "tensors": tensors}

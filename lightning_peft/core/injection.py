@@ -45,8 +45,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject_adapters(model: nn.Module, method: PEFTMethod) -> list[str]:
     """Wrap every target of ``method`` in its adapter layer; returns the wrapped names."""
     targets = method.find_targets(model)
-    for name in targets:
-        _set_submodule(model, name, method.wrap(name, model.get_submodule(name)))
+    for name, layer in method.wrap_targets(model, targets).items():
+        _set_submodule(model, name, layer)
     return targets
 
 

@@ -80,6 +80,11 @@ def _matches(name: str, spec: str | Sequence[str]) -> bool:
     return any(_name_matches(name, key) for key in spec)
 
 
+def exact_names_pattern(names: Sequence[str]) -> str:
+    """A ``target_modules`` regex that selects exactly the qualified ``names`` (a full match, as peft does)."""
+    return "^(?:" + "|".join(re.escape(name) for name in names) + ")$"
+
+
 def default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:

@@ -112,7 +112,8 @@ def save_merged_from_source(model: nn.Module, source: Path, directory: Path, dty
     names = {base_parameter_name(n) for n, _ in model.named_parameters(remove_duplicate=False) if not is_adapter_tensor(n)}
     names |= {base_parameter_name(n) for n, _ in model.named_buffers()}
     kbit = {base_parameter_name(f"{n}.weight"): m for n, m in model.named_modules() if is_quantized_linear(m)}
-    adapters: dict[str, AdapterLayer] = {f"{n}.weight": layer for n, layer in layers.items() if not layer.disabled}
+    # The base parameters each adapter changes when merged: the weight, and the bias for (IA)3 and BitFit.
+    adapters: dict[str, AdapterLayer] = {f"{n}.{kind}": layer for n, layer in layers.items() if not layer.disabled for kind in ("weight", "bias")}
     trainable = {n for n, p in params.items() if p.requires_grad}
     record = quantization_record(model)
 
@@ -135,13 +136,13 @@ def save_merged_from_source(model: nn.Module, source: Path, directory: Path, dty
         if name in kbit:
             _check_same_weight(name, tensor, kbit[name], record)
         if name in adapters:  # the original W, so the exact delta, whether or not the layer is merged
-            tensor = adapters[name].merged_weight(tensor.float())
+            tensor = adapters[name].merged_parameter(name.rsplit(".", 1)[1], tensor.float())
         return tensor
 
     def from_model(name: str) -> torch.Tensor:
         tensor = params[name].detach().to("cpu")
         if name in adapters and not adapters[name].merged:
-            tensor = adapters[name].merged_weight(tensor.float())
+            tensor = adapters[name].merged_parameter(name.rsplit(".", 1)[1], tensor.float())
         return tensor
 
     files = checkpoint_files(source)

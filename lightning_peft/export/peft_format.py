@@ -8,6 +8,9 @@ The format is what HF peft, vLLM's multi-LoRA serving and most hubs read:
 - the safetensors metadata holds ``{"format": "pt"}``; we add a fingerprint of the base weights
   (``lightning_peft.base_fingerprint``), which peft ignores and we use to refuse a wrong base.
 
+Methods peft does not have (bottleneck adapters, Compacter, BitFit) are written in lightning_peft's own
+format in the same two files (:mod:`lightning_peft.export.native_format`); ``load_adapter`` reads both.
+
 Loading is strict where peft is lenient: a missing or unexpected tensor is an error (peft only warns
 and leaves the layer at its random init), and only safetensors are read: a pickled ``adapter_model.bin``
 can execute code on load and is refused.
@@ -29,8 +32,9 @@ from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
 from lightning_peft.core.injection import apply_peft, injected_method
 from lightning_peft.core.model_lookup import resolve_model
-from lightning_peft.core.targets import _matches, _name_matches, find_targets
+from lightning_peft.core.targets import _matches, _name_matches, exact_names_pattern, find_targets
 from lightning_peft.export.atomic import atomic_directory
+from lightning_peft.export.native_format import is_native_config, load_native_adapter, save_native_adapter
 from lightning_peft.methods.base import PEFTMethod
 
 CONFIG_NAME = "adapter_config.json"
@@ -63,7 +67,7 @@ def _target_modules_field(model: nn.Module, targets: list[str]) -> list[str] | s
     selected = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves and ".base_layer" not in n]
     if sorted(selected) == sorted(targets):
         return leaves
-    return "^(?:" + "|".join(t.replace(".", r"\.") for t in targets) + ")$"
+    return exact_names_pattern(targets)
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,10 +79,33 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in adapter_layers(model):
         for suffix, tensor in layer.peft_state_dict().items():
             tensors[f"{PREFIX}{name}.{suffix}"] = tensor
-    for name, param in model.named_parameters():
-        if param.requires_grad and any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in method.modules_to_save):
-            tensors[PREFIX + name] = param
+    tensors.update({PREFIX + name: param for name, param in modules_to_save_parameters(model, method).items()})
     return tensors
+
+
+def modules_to_save_parameters(model: nn.Module, method: PEFTMethod) -> dict[str, nn.Parameter]:
+    """The trained parameters of ``method.modules_to_save`` in ``model``, by name."""
+    return {
+        name: param
+        for name, param in model.named_parameters()
+        if param.requires_grad and any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in method.modules_to_save)
+    }
+
+
+def check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: Any, model: nn.Module) -> None:
+    """Raise :class:`AdapterFileError` unless ``tensors`` has exactly the keys of ``expected``, with their shapes."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(
+            f"adapter in {source} does not fit {type(model).__name__}: "
+            + (f"{len(missing)} tensors missing (e.g. {missing[:3]}) " if missing else "")
+            + (f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})" if unexpected else "")
+        )
+    wrong_shape = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong_shape:
+        key, got, want = wrong_shape[0]
+        raise AdapterFileError(f"adapter in {source}: tensor {key} has shape {got}, the model needs {want} ({len(wrong_shape)} tensors differ)")
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -88,6 +115,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     model = resolve_model(model)
     method = injected_method(model)
+    if method is None:
+        raise ValueError(f"{type(model).__name__} has no adapters (apply a method with PEFTCallback or apply_peft first)")
+    # Ours, beside peft's fields and ignored by peft: the exact method config (peft warns about unknown
+    # keys in adapter_config.json, so it lives in the safetensors header) and the base fingerprint.
+    metadata = {
+        "format": "pt",
+        METHOD_KEY: json.dumps(method.to_dict()),
+        FINGERPRINT_KEY: json.dumps(base_fingerprint(model)),
+    }
+    if not method.has_peft_format:
+        return save_native_adapter(model, path, _task_type(model), metadata)
     tensors = adapter_tensors(model)
     targets = [name for name, _ in adapter_layers(model)]
     config: dict[str, Any] = {
@@ -98,13 +136,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "inference_mode": True,
         "revision": None,
         **method.peft_config(model, targets),
-    }
-    # Ours, beside peft's fields and ignored by peft: the exact method config (peft warns about unknown
-    # keys in adapter_config.json, so it lives in the safetensors header) and the base fingerprint.
-    metadata = {
-        "format": "pt",
-        METHOD_KEY: json.dumps(method.to_dict()),
-        FINGERPRINT_KEY: json.dumps(base_fingerprint(model)),
     }
     with atomic_directory(path) as staging:
         # safetensors refuses shared or non-contiguous storage; adapters are tiny, so copy.
@@ -197,6 +228,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config, tensors, metadata = read_adapter_dir(path)
     if FINGERPRINT_KEY in metadata:
         check_fingerprint(json.loads(metadata[FINGERPRINT_KEY]), model, what=f"adapter in {path}")
+    if is_native_config(config):
+        return load_native_adapter(model, config, tensors, str(path))
     method = injected_method(model) or method_from_adapter_config(config, model, metadata)
     apply_peft(model, method)
     expected = adapter_tensors(model)
@@ -215,18 +248,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         and f"{PREFIX}{name}.base_layer.weight" in tensors
     }
     expected.update(embedding_bases)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise AdapterFileError(
-            f"adapter in {path} does not fit {type(model).__name__}: "
-            + (f"{len(missing)} tensors missing (e.g. {missing[:3]}) " if missing else "")
-            + (f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})" if unexpected else "")
-        )
-    wrong_shape = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
-    if wrong_shape:
-        key, got, want = wrong_shape[0]
-        raise AdapterFileError(f"adapter in {path}: tensor {key} has shape {got}, the model needs {want} ({len(wrong_shape)} tensors differ)")
+    check_tensors_fit(expected, tensors, path, model)
     with torch.no_grad():
         for key, weight in embedding_bases.items():
             weight.copy_(tensors[key].to(weight.dtype))

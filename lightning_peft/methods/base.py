@@ -34,6 +34,9 @@ class PEFTMethod:
     name = "adapter"
     #: What :meth:`supports` accepts, for error messages.
     supported_description = "nn.Linear"
+    #: Whether HF peft has a file format for this method (:meth:`peft_config`). Methods without one are
+    #: saved in lightning_peft's own format (:mod:`lightning_peft.export.native_format`).
+    has_peft_format = True
 
     def __init__(
         self,
@@ -55,6 +58,12 @@ class PEFTMethod:
         """Return the adapter layer that replaces ``module`` (named ``name`` in the model)."""
         raise NotImplementedError
 
+    def wrap_targets(self, model: nn.Module, targets: list[str]) -> dict[str, AdapterLayer]:
+        """The adapter layers for ``targets`` of ``model``, by name: :meth:`wrap` for each by default. A
+        method whose layers share tensors (Compacter's rule matrices) or depend on the model (per-architecture
+        choices) builds them together here."""
+        return {name: self.wrap(name, model.get_submodule(name)) for name in targets}
+
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         """The ``adapter_config.json`` fields specific to this method, or raise if peft has no such format."""
         raise NotImplementedError(f"{type(self).__name__} has no HF peft file format")
@@ -65,9 +74,14 @@ class PEFTMethod:
 
     # -- shared behaviour -------------------------------------------------------------------------
     def find_targets(self, model: nn.Module) -> list[str]:
+        return self.select_targets(model, self.target_modules)
+
+    def select_targets(self, model: nn.Module, spec: TargetSpec) -> list[str]:
+        """The modules ``spec`` selects in ``model``, minus ``exclude_modules``, checked against :meth:`supports`
+        (methods that choose their own default targets pass them here as ``spec``)."""
         return find_targets(
             model,
-            self.target_modules,
+            spec,
             self.exclude_modules,
             supports=self.supports,
             method_name=type(self).__name__,

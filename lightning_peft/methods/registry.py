@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.ia3 import IA3
 from lightning_peft.methods.lora import LoRA
 
-PEFT_TYPES: dict[str, type[PEFTMethod]] = {"LORA": LoRA}
+PEFT_TYPES: dict[str, type[PEFTMethod]] = {"LORA": LoRA, "IA3": IA3}
 
 
 def method_for_peft_type(peft_type: str | None) -> type[PEFTMethod]:
