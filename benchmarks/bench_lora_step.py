@@ -66,6 +66,18 @@ def make_step(model: nn.Module, batch: dict[str, torch.Tensor]):
     return step
 
 
+def gpu_busy_seconds(step, steps: int = 3) -> float:
+    """Seconds per step that CUDA kernels ran (torch.profiler), to set against the wall time: where the
+    wall is much longer, the host's kernel launches, not the GPU, bound the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    busy_us = sum(event.device_time for event in prof.events() if event.device_type.name == "CUDA")
+    return busy_us / steps / 1e6
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"

@@ -14,7 +14,8 @@ which needs the base layer's output ``W x`` only once. Layer kinds are those of 
 GPT-2 ``Conv1D`` (weight stored transposed) and ``nn.Embedding`` (one magnitude per embedding
 dimension, the norm taken over the vocabulary, as peft does), on 16-bit or bitsandbytes k-bit bases.
 
-What this implementation does not pay, unlike HF peft (whose DoRA trains at ~2.4x LoRA's step time):
+What this implementation does not pay, unlike HF peft (whose DoRA step costs 1.5-1.6x its LoRA step on an
+H100, against 1.2x here; ``benchmarks/RESULTS.md``):
 
 - no second base matmul when dropout is off: ``W x`` is the base layer's own output (peft also
   reuses it then); with dropout active in training the ``(m/n - 1)`` term must see the dropped input,
@@ -24,7 +25,12 @@ What this implementation does not pay, unlike HF peft (whose DoRA trains at ~2.4
   frozen). peft forms ``B A`` by multiplying with an (in x in) identity and then ``W + s B A``;
 - a cache: ``n`` depends only on ``A``, ``B`` and ``W``, so it is kept until one of them changes
   (tracked by tensor version counters). Evaluation computes it once; gradient accumulation once per
-  optimizer step rather than once per micro-batch.
+  optimizer step rather than once per micro-batch;
+- launches: in training the norm is recomputed every step, and its ~8 tiny kernels per layer cost the host
+  more time than the GPU spends on them. On CUDA they are captured once and replayed as one graph
+  (:mod:`lightning_peft.core.cuda_graph`);
+- passes over the output: the update is added inside the base output's ``addmm`` (see LoRA), so the
+  rescale by ``m / n`` is the only extra pass.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.core.adapter_layer import is_kbit_weight
+from lightning_peft.core.cuda_graph import GraphedComputation
 from lightning_peft.methods.lora import LoRA, LoRALayer
 
 
@@ -71,6 +78,8 @@ class DoRALayer(LoRALayer):
         self._weight_sq: dict[bool, tuple[tuple[int, int], torch.Tensor]] = {}
         self._norm_cache: dict[bool, tuple[tuple[int, ...], torch.Tensor]] = {}
         self._merged_norm: torch.Tensor | None = None
+        # On CUDA the norm's ~10 small kernels replay as one graph (see lightning_peft.core.cuda_graph).
+        self._norm_graph = GraphedComputation()
         self.lora_magnitude_vector = nn.Parameter(self._row_norm(weight))
 
     # -- the norm ---------------------------------------------------------------------------------
@@ -98,34 +107,50 @@ class DoRALayer(LoRALayer):
         cached = self._norm_cache.get(mode)
         if cached is not None and cached[0] == key:
             return cached[1]
+        squared_weight = self._squared_row_norms()  # made before any capture, so it lives outside the graph
+        weight = self.base_layer.weight
+        compute = lambda: self._compute_norm(squared_weight)  # noqa: E731
+        # k-bit weights are dequantized by bitsandbytes inside the computation; not captured, run eagerly.
+        norm = compute() if is_kbit_weight(weight) else self._norm_graph(compute, (A, B, weight, squared_weight))
+        self._norm_cache[mode] = (key, norm)
+        return norm
+
+    def _compute_norm(self, squared_weight: torch.Tensor) -> torch.Tensor:
+        """``sqrt(||W||^2 + rowsum(B * (2 s (A W^T)^T + s^2 B A A^T)))`` in as few kernels as the math allows."""
+        A, B, s = self.lora_A, self.lora_B, self.scaling
         weight = self.base_layer.weight
         if not is_kbit_weight(weight):
             # A W^T without a float32 copy of W: W's own dtype, float32 accumulate, result cast up.
             stored = weight.detach()
-            a = A.to(stored.dtype)
-            projected = (a @ (stored.T if self.kind == "linear" else stored)).float()  # (r, out)
+            projected = (A.to(stored.dtype) @ (stored.T if self.kind == "linear" else stored)).to(A.dtype)  # (r, out)
         else:
             projected = A @ self.linear_weight().T  # k-bit: dequantize (the only full-size temporary)
-        cross = (B * projected.T).sum(dim=1)  # <W_i, (B A)_i>
-        own = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||(B A)_i||^2
-        squared = self._squared_row_norms() + 2 * self.scaling * cross + self.scaling**2 * own
-        norm = squared.clamp_min(0).sqrt()
-        self._norm_cache[mode] = (key, norm)
-        return norm
+        # (out, r): 2 s (A W^T)^T + s^2 B (A A^T), one addmm; then each row's dot with B, plus ||W_i||^2,
+        # as one batched (1 x r)(r x 1) product.
+        combined = torch.addmm(projected.T, B, A @ A.T, beta=2 * s, alpha=s * s)
+        rows = B.shape[0]
+        squared = torch.baddbmm(squared_weight.to(A.dtype).view(rows, 1, 1), B.view(rows, 1, -1), combined.view(rows, -1, 1))
+        return squared.view(rows).clamp_min_(0).sqrt_()
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return result
-        scale = self.lora_magnitude_vector / self.weight_norm()  # (out,); gradient flows to m only
+        exact_scale = self.lora_magnitude_vector / self.weight_norm()  # (out,) float32; gradient to m only
+        scale = exact_scale.to(result.dtype)
         bias = getattr(self.base_layer, "bias", None) if self.kind != "embedding" else None
+        bias = None if bias is None else bias.to(result.dtype)
         dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
         if not dropout_active:
-            update = self.lora_update(x, dropout=False) * self.scaling
-            unbiased = result if bias is None else result - bias.to(result.dtype)
-            out = scale.to(result.dtype) * (unbiased + update.to(result.dtype))
-            return out if bias is None else out + bias.to(result.dtype)
+            if self.kind == "embedding":
+                combined = result + (self.lora_update(x, dropout=False) * self.scaling).to(result.dtype)
+            else:
+                combined = self.add_scaled_update(result, x)  # W x + b + s B A x, one fused addmm
+            if bias is None:
+                return combined * scale
+            # scale (W x + s B A x) + b  ==  scale * combined + (1 - scale) b: one pass over the output.
+            return torch.addcmul(bias * (1 - exact_scale).to(result.dtype), combined, scale)
         # Dropout in training: the rescaled base term must see the dropped input (peft's formula), which
         # costs the second base product: y = base(x) + (m/n - 1) W d(x) + (m/n) s B A d(x).
         dropped = self.dropout(x)
@@ -134,7 +159,7 @@ class DoRALayer(LoRALayer):
         weight = self.linear_weight() if is_kbit_weight(stored) else self._to_linear(stored)
         base_dropped = F.linear(dropped.to(weight.dtype), weight)
         update = self.lora_update(dropped, dropout=False) * self.scaling
-        extra = (scale - 1).to(result.dtype) * base_dropped.to(result.dtype) + scale.to(result.dtype) * update.to(result.dtype)
+        extra = (exact_scale - 1).to(result.dtype) * base_dropped.to(result.dtype) + scale * update.to(result.dtype)
         return result + extra
 
     # -- merging ----------------------------------------------------------------------------------
