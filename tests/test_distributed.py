@@ -1,0 +1,123 @@
+"""Data-parallel training on CPU (gloo, 2 processes): the same adapters as one process with the same
+global batch, for one method of each family and for QLoRA; and every rank starts from rank 0's adapter
+without relying on DDP's own broadcast (which FSDP2 does not do)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_helpers import LitCausalLM, make_trainer, token_batches
+from lightning_peft import IA3, Adapter, DoRA, LoRA, PEFTCallback, Quantization
+from lightning_peft.distributed import broadcast_adapters
+
+GLOBAL_BATCH = 4
+STEPS = 3
+
+
+class ShardedLM(LitCausalLM):
+    """Rank ``r`` of ``w`` trains on rows ``r, r + w, ...`` in batches of ``GLOBAL_BATCH / w``: at every
+    step the ranks' batches together are exactly the single-process batch (the loss is a mean over
+    equally many tokens per row, so the mean of the ranks' means is the global mean)."""
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        rows = token_batches(n_batches=STEPS, batch_size=GLOBAL_BATCH)
+        return DataLoader(rows[rank::world], batch_size=GLOBAL_BATCH // world, shuffle=False)
+
+
+class SeedAtSetup(L.Callback):
+    """Seeds just before injection, so the single-process run and rank 0 draw the same adapter."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        torch.manual_seed(123)
+
+
+class SaveTrainable(L.Callback):
+    """Rank 0 writes the trainable tensors at the start and at the end of training."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, suffix: str) -> None:
+        if trainer.is_global_zero:
+            torch.save({n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}, f"{self.path}.{suffix}")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, pl_module, "end")
+
+
+def train(tmp_path: Path, devices: int, method: Any, quantization: Quantization | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"trainable-{devices}"
+    trainer = make_trainer(
+        tmp_path,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=STEPS,
+        use_distributed_sampler=False,  # ShardedLM shards itself
+        callbacks=[SeedAtSetup(), PEFTCallback(method, quantization=quantization), SaveTrainable(path)],
+    )
+    trainer.fit(ShardedLM())
+    return {when: torch.load(f"{path}.{when}") for when in ("start", "end")}
+
+
+METHODS = {
+    "lora": lambda: (LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), None),
+    "dora": lambda: (DoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), None),
+    "ia3": lambda: (IA3(), None),
+    "houlsby": lambda: (Adapter(style="houlsby", reduction_factor=4), None),
+    "qlora-nf4": lambda: (LoRA(r=4, alpha=8, target_modules="all-linear"), Quantization(bits=4, compute_dtype="float32")),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_two_ddp_processes_train_the_same_adapters_as_one(tmp_path, name):
+    method, quantization = METHODS[name]()
+    one = train(tmp_path / "one", 1, method, quantization)
+    two = train(tmp_path / "two", 2, method, quantization)
+    assert one["end"].keys() == two["end"].keys() and one["end"]
+    for key, value in one["end"].items():
+        torch.testing.assert_close(two["start"][key], one["start"][key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(two["end"][key], value, rtol=0, atol=1e-5, msg=key)
+    moved = max((one["end"][k] - one["start"][k]).abs().max().item() for k in one["end"])
+    assert moved > 1e-3  # three AdamW steps at lr 1e-2 really trained the adapters
+
+
+class _DifferentSeedOnEachRank(L.Callback):
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        torch.manual_seed(1000 + trainer.global_rank)
+
+
+class _SameAdaptersBeforeWrapping(L.Callback):
+    """Runs its ``setup`` right after PEFTCallback's and before the strategy wraps the model in DDP
+    (whose own broadcast would hide a missing one): the adapters must already be rank 0's everywhere."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        assert trainable
+        for name, param in trainable:
+            gathered = trainer.strategy.all_gather(param.detach())
+            assert torch.equal(gathered[0], gathered[1]), name
+
+
+def test_injection_broadcasts_rank_zero_adapters(tmp_path):
+    method = LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init="gaussian")  # A and B both random
+    trainer = make_trainer(
+        tmp_path, devices=2, strategy="ddp_spawn", max_steps=1, use_distributed_sampler=False,
+        callbacks=[_DifferentSeedOnEachRank(), PEFTCallback(method), _SameAdaptersBeforeWrapping()],
+    )  # fmt: skip
+    trainer.fit(ShardedLM())
+
+
+def test_broadcast_is_a_no_op_without_a_process_group():
+    model = LitCausalLM().model
+    assert broadcast_adapters(model) == 0
