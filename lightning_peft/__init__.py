@@ -8,7 +8,7 @@ from lightning_peft.core.fingerprint import BaseModelMismatchError
 from lightning_peft.core.injection import apply_peft, parameter_summary
 from lightning_peft.export.peft_format import AdapterFileError, load_adapter, save_adapter
 from lightning_peft.merge import disable_adapters, merge_adapters, unmerge_adapters
-from lightning_peft.methods import IA3, Adapter, BitFit, Compacter, DoRA, LoRA, PEFTMethod
+from lightning_peft.methods import IA3, Adapter, BitFit, Compacter, DoRA, LlamaAdapter, LoRA, PEFTMethod, PrefixTuning, PromptTuning, PTuning
 from lightning_peft.mixin import PEFTMixin
 from lightning_peft.optim import ParamGroups, apply_lr_scales, build_param_groups, lr_multipliers, param_groups
 from lightning_peft.quantization import Quantization
@@ -23,11 +23,15 @@ __all__ = [
     "Compacter",
     "DoRA",
     "IA3",
+    "LlamaAdapter",
     "LoRA",
     "PEFTCallback",
     "PEFTMethod",
     "PEFTMixin",
+    "PTuning",
     "ParamGroups",
+    "PrefixTuning",
+    "PromptTuning",
     "Quantization",
     "apply_lr_scales",
     "apply_peft",

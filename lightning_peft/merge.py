@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lightning_peft.core.adapter_layer import BASE_LAYER, AdapterLayer, adapter_layers
+from lightning_peft.core.adapter_layer import BASE_LAYER, AdapterLayer, AdapterModule, adapter_layers, adapter_modules
 from lightning_peft.core.injection import remove_adapters
 
 
@@ -51,9 +51,10 @@ def _refuse_tied_weights(model: nn.Module, layers: list[tuple[str, AdapterLayer]
             )
 
 
-def _refuse_unmergeable(layers: list[tuple[str, AdapterLayer]]) -> None:
+def _refuse_unmergeable(layers: list[tuple[str, AdapterModule]]) -> None:
     """Raise if an adapter adds computation that no base weight can absorb (bottleneck adapters and
-    Compacter add a small network after a layer; its non-linearity has no weight-space equivalent)."""
+    Compacter add a small network after a layer; its non-linearity has no weight-space equivalent;
+    prompt tuning and its relatives add virtual tokens to the input, LLaMA-Adapter an attention branch)."""
     cannot = [name for name, layer in layers if not layer.can_merge]
     if cannot:
         kinds = sorted({type(layer).__name__ for name, layer in layers if name in cannot})
@@ -69,10 +70,10 @@ def merge_adapters(model: nn.Module, unload: bool = True, requantize: bool = Fal
     ``requantize=True`` allows merging into k-bit base weights (dequantize, add, quantize again) and
     warns with the relative error this introduces against the exact merged weights.
     """
-    layers = list(adapter_layers(model))
-    if not layers:
+    if not any(True for _ in adapter_modules(model)):
         raise ValueError(f"{type(model).__name__} has no adapters to merge")
-    _refuse_unmergeable(layers)
+    _refuse_unmergeable(list(adapter_modules(model)))
+    layers = list(adapter_layers(model))
     pending = [(name, layer) for name, layer in layers if not layer.merged]
     kbit = _kbit_layers(pending)
     if kbit and not requantize:
@@ -117,7 +118,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Merged adapters are unmerged for the duration and merged back afterwards, so the result is the
     base model in either state (what "LoRA Learns Less and Forgets Less" compares against).
     """
-    layers = [layer for _, layer in adapter_layers(model)]
+    layers = [adapter for _, adapter in adapter_modules(model)]
     was_merged = [layer.merged for layer in layers]
     for layer in layers:
         layer.unmerge()
@@ -143,8 +144,8 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None, dequan
     weights (plus the deltas) instead: an approximation of the original model, not the original, so
     it is opt-in; ``save_merged`` re-reads the original weights from the checkpoint when it can.
     """
+    _refuse_unmergeable(list(adapter_modules(model)))
     layers = dict(adapter_layers(model))
-    _refuse_unmergeable(list(layers.items()))
     _refuse_tied_weights(model, [(n, layer) for n, layer in layers.items() if not layer.merged and not layer.disabled])
     from lightning_peft.quantization.replace import dequantized_weight, is_quantized_linear
 

@@ -1,11 +1,13 @@
-"""The adapter-layer protocol.
+"""The adapter protocol: :class:`AdapterModule`, and :class:`AdapterLayer` for methods that wrap a layer.
 
 Every method that changes a layer (LoRA, DoRA, (IA)3, ...) wraps the original module by composition
-and keeps it as ``self.base_layer``. That one convention answers every question the rest of the
-package asks about adapters, without sniffing parameter names:
+and keeps it as ``self.base_layer``. Methods that change the model's *inputs* rather than a layer
+(prompt tuning, P-tuning, prefix tuning) attach one :class:`AdapterModule` that owns their parameters
+beside the model and hooks the model's forward. These conventions answer every question the rest of
+the package asks about adapters, without sniffing parameter names:
 
-- a parameter is an *adapter* parameter iff it lives in an :class:`AdapterLayer` and not under its
-  ``base_layer`` (freezing, checkpoint filtering, export and counting all use this rule);
+- a parameter is an *adapter* parameter iff it lives in an :class:`AdapterModule` and not under a
+  layer's ``base_layer`` (freezing, checkpoint filtering, export and counting all use this rule);
 - the base model's own parameter names are recovered by dropping the ``.base_layer`` segment, so a
   fingerprint or a merged state dict of a wrapped model uses exactly the base model's keys.
 """
@@ -26,18 +28,23 @@ def is_kbit_weight(weight: torch.Tensor) -> bool:
     return not weight.is_floating_point() or getattr(weight, "quant_state", None) is not None
 
 
-class AdapterLayer(nn.Module):
-    """A module that wraps ``base_layer`` and adds trainable adapter tensors beside it.
+#: Where HF peft's files put the tensors of the module at ``<path>``: ``base_model.model.<path>.<suffix>``.
+PEFT_KEY_PREFIX = "base_model.model."
 
-    Subclasses implement :meth:`forward`, :meth:`delta_weight` (for methods that can merge) and
-    :meth:`peft_state_dict` / :meth:`load_peft_state_dict` (the peft file-format view of their tensors).
+
+class AdapterModule(nn.Module):
+    """Everything an adapter owns: all its parameters and persistent buffers, except those under a
+    wrapped ``base_layer`` (see :class:`AdapterLayer`).
+
+    A module that is not a layer wrapper (the virtual tokens of prompt tuning) is attached to the model
+    by its method and removes itself with :meth:`detach`. Subclasses implement :meth:`peft_state_dict` /
+    :meth:`load_peft_state_dict` (the peft file-format view of their tensors).
     """
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        # Disabled adapters make the layer behave exactly like ``base_layer`` (used by the
-        # ``disable_adapters`` context manager, e.g. to measure forgetting against the base model).
+        # A disabled adapter leaves the model exactly as its base (used by the ``disable_adapters``
+        # context manager, e.g. to measure forgetting against the base model).
         self.disabled = False
         self.merged = False
 
@@ -47,6 +54,53 @@ class AdapterLayer(nn.Module):
         for name, param in self.named_parameters():
             if not name.startswith(BASE_LAYER + "."):
                 yield name, param
+
+    @property
+    def can_merge(self) -> bool:
+        return False
+
+    def unmerge(self) -> None:
+        """Nothing to undo for an adapter that cannot merge."""
+
+    def detach(self, model: nn.Module) -> None:
+        """Take this (attached, not wrapping) adapter out of ``model``; layer wrappers are swapped for
+        their ``base_layer`` by :func:`~lightning_peft.core.injection.remove_adapters` instead."""
+        raise NotImplementedError(f"{type(self).__name__} does not know how to detach itself")
+
+    # -- adapter state that is not trained ----------------------------------------------------------
+    def adapter_named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Persistent buffers that belong to the adapter (e.g. the initial factors an SVD-based LoRA
+        init subtracts). They are part of the adapter's state: checkpoints must carry them."""
+        persistent = set(self.state_dict(keep_vars=True))
+        for name, buffer in self.named_buffers():
+            if not name.startswith(BASE_LAYER + ".") and name in persistent:
+                yield name, buffer
+
+    # -- peft file format -------------------------------------------------------------------------
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under the key suffixes HF peft writes (no adapter name)."""
+        raise NotImplementedError
+
+    def load_peft_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors in peft's layout into this adapter; ``tensors`` has exactly the suffixes of
+        :meth:`peft_state_dict` (the caller checks for missing and unexpected keys)."""
+        raise NotImplementedError
+
+    def peft_key(self, name: str, suffix: str) -> str:
+        """The file key of the tensor ``suffix`` of this adapter, which sits at ``name`` in the model."""
+        return f"{PEFT_KEY_PREFIX}{name}.{suffix}"
+
+
+class AdapterLayer(AdapterModule):
+    """A module that wraps ``base_layer`` and adds trainable adapter tensors beside it.
+
+    Subclasses implement :meth:`forward`, :meth:`delta_weight` (for methods that can merge) and
+    :meth:`peft_state_dict` / :meth:`load_peft_state_dict` (the peft file-format view of their tensors).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
 
     # -- merging ----------------------------------------------------------------------------------
     @property
@@ -140,24 +194,11 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"merging {type(self).__name__} would put non-finite values into the base {what}")
         tensor.data.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
 
-    # -- adapter state that is not trained ----------------------------------------------------------
-    def adapter_named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Persistent buffers that belong to the adapter (e.g. the initial factors an SVD-based LoRA
-        init subtracts). They are part of the adapter's state: checkpoints must carry them."""
-        persistent = set(self.state_dict(keep_vars=True))
-        for name, buffer in self.named_buffers():
-            if not name.startswith(BASE_LAYER + ".") and name in persistent:
-                yield name, buffer
-
-    # -- peft file format -------------------------------------------------------------------------
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """This layer's adapter tensors under the key suffixes HF peft writes (no adapter name)."""
-        raise NotImplementedError
-
-    def load_peft_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors in peft's layout into this layer; ``tensors`` has exactly the suffixes of
-        :meth:`peft_state_dict` (the caller checks for missing and unexpected keys)."""
-        raise NotImplementedError
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """All adapters of ``model`` (layer wrappers and attached modules) with their qualified names."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterModule):
+            yield name, module
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

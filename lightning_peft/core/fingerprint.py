@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.core.adapter_layer import adapter_layers, base_parameter_name
+from lightning_peft.core.adapter_layer import adapter_layers, adapter_modules, base_parameter_name
 
 _SAMPLES = 64
 _RTOL = 2e-2  # bf16 rounding of 64 summed elements stays well inside this
@@ -44,7 +44,7 @@ def _sample_sum(tensor: torch.Tensor) -> float | None:
 
 
 def _base_parameters(model: nn.Module, frozen_only: bool) -> dict[str, torch.Tensor]:
-    adapter_ids = {id(p) for _, layer in adapter_layers(model) for _, p in layer.adapter_named_parameters()}
+    adapter_ids = {id(p) for _, adapter in adapter_modules(model) for _, p in adapter.adapter_named_parameters()}
     return {
         base_parameter_name(name): param
         for name, param in model.named_parameters()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers, adapter_modules
 from lightning_peft.methods.base import PEFTMethod
 
 # Set on the model root so later calls (another stage, a checkpoint restore, an export) know which
@@ -43,19 +43,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject_adapters(model: nn.Module, method: PEFTMethod) -> list[str]:
-    """Wrap every target of ``method`` in its adapter layer; returns the wrapped names."""
+    """Wrap every target of ``method`` in its adapter layer and attach the modules it adds beside the
+    model (prompt tuning's virtual tokens); returns the names of the adapters."""
     targets = method.find_targets(model)
     for name, layer in method.wrap_targets(model, targets).items():
         _set_submodule(model, name, layer)
-    return targets
+    return targets + method.attach(model)
 
 
 def freeze_base(model: nn.Module, method: PEFTMethod) -> None:
     """Only adapter parameters and ``modules_to_save`` stay trainable."""
     for param in model.parameters():
         param.requires_grad_(False)
-    for _, layer in adapter_layers(model):
-        for _, param in layer.adapter_named_parameters():
+    for _, adapter in adapter_modules(model):
+        for _, param in adapter.adapter_named_parameters():
             param.requires_grad_(True)
     for name in method.modules_to_save:
         matches = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
@@ -77,8 +78,8 @@ def apply_peft(model: nn.Module, method: PEFTMethod) -> list[str]:
         if current != method:
             raise ValueError(f"model already has adapters from {current!r}; refusing to also inject {method!r}")
         freeze_base(model, method)  # a stage may have unfrozen things (e.g. a user's on_fit_start)
-        return [name for name, _ in adapter_layers(model)]
-    if any(True for _ in adapter_layers(model)):
+        return [name for name, _ in adapter_modules(model)]
+    if any(True for _ in adapter_modules(model)):
         raise ValueError("model already contains adapter layers that were not injected by apply_peft")
     targets = inject_adapters(model, method)
     freeze_base(model, method)
@@ -99,9 +100,13 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
-    """Replace every adapter layer by its ``base_layer`` (the adapters' effect is dropped unless merged)."""
-    for name, layer in list(adapter_layers(model)):
-        _set_submodule(model, name, layer.base_layer)
+    """Replace every adapter layer by its ``base_layer`` and detach attached adapters (the adapters'
+    effect is dropped unless merged)."""
+    for name, adapter in list(adapter_modules(model)):
+        if isinstance(adapter, AdapterLayer):
+            _set_submodule(model, name, adapter.base_layer)
+        else:
+            adapter.detach(model)
     if hasattr(model, METHOD_ATTRIBUTE):
         object.__delattr__(model, METHOD_ATTRIBUTE)
     return model

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_peft.core.adapter_layer import adapter_layers
+from lightning_peft.core.adapter_layer import adapter_modules
 from lightning_peft.core.injection import apply_peft, injected_method
 from lightning_peft.export.atomic import atomic_directory
 from lightning_peft.methods.base import PEFTMethod, method_from_dict
@@ -58,11 +58,11 @@ def native_adapter_tensors(model: nn.Module, method: PEFTMethod) -> dict[str, to
 
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for layer_name, layer in adapter_layers(model):
-        for name, tensor in [*layer.adapter_named_parameters(), *layer.adapter_named_buffers()]:
+    for adapter_name, adapter in adapter_modules(model):
+        for name, tensor in [*adapter.adapter_named_parameters(), *adapter.adapter_named_buffers()]:
             if id(tensor) not in seen:
                 seen.add(id(tensor))
-                tensors[f"{layer_name}.{name}"] = tensor
+                tensors[f"{adapter_name}.{name}"] = tensor
     tensors.update(modules_to_save_parameters(model, method))
     return tensors
 
@@ -77,7 +77,7 @@ def save_native_adapter(model: nn.Module, path: str | os.PathLike, task_type: st
         "method": method.to_dict(),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "task_type": task_type,
-        "adapted_modules": [name for name, _ in adapter_layers(model)],
+        "adapted_modules": [name for name, _ in adapter_modules(model)],
         "modules_to_save": method.modules_to_save or None,
     }
     with atomic_directory(path) as staging:

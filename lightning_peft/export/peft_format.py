@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.core.adapter_layer import adapter_layers
+from lightning_peft.core.adapter_layer import PEFT_KEY_PREFIX, adapter_layers, adapter_modules
 from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
 from lightning_peft.core.injection import apply_peft, injected_method
 from lightning_peft.core.model_lookup import resolve_model
@@ -40,7 +40,7 @@ from lightning_peft.methods.base import PEFTMethod
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-PREFIX = "base_model.model."
+PREFIX = PEFT_KEY_PREFIX
 FINGERPRINT_KEY = "lightning_peft.base_fingerprint"
 METHOD_KEY = "lightning_peft.method"
 
@@ -76,9 +76,9 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     if method is None:
         raise ValueError(f"{type(model).__name__} has no adapters (apply a method with PEFTCallback or apply_peft first)")
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model):
-        for suffix, tensor in layer.peft_state_dict().items():
-            tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+    for name, adapter in adapter_modules(model):
+        for suffix, tensor in adapter.peft_state_dict().items():
+            tensors[adapter.peft_key(name, suffix)] = tensor
     tensors.update({PREFIX + name: param for name, param in modules_to_save_parameters(model, method).items()})
     return tensors
 
@@ -118,25 +118,27 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     if method is None:
         raise ValueError(f"{type(model).__name__} has no adapters (apply a method with PEFTCallback or apply_peft first)")
     # Ours, beside peft's fields and ignored by peft: the exact method config (peft warns about unknown
-    # keys in adapter_config.json, so it lives in the safetensors header) and the base fingerprint.
+    # keys in adapter_config.json, so it lives in the safetensors header) and the base fingerprint. The
+    # method is the one the file describes: P-tuning's encoder, for one, is folded into the prompt it made.
     metadata = {
         "format": "pt",
-        METHOD_KEY: json.dumps(method.to_dict()),
+        METHOD_KEY: json.dumps(method.exported().to_dict()),
         FINGERPRINT_KEY: json.dumps(base_fingerprint(model)),
     }
-    if not method.has_peft_format:
+    if not method.writes_peft_format(model):
         return save_native_adapter(model, path, _task_type(model), metadata)
     tensors = adapter_tensors(model)
     targets = [name for name, _ in adapter_layers(model)]
     config: dict[str, Any] = {
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "task_type": _task_type(model),
-        "target_modules": _target_modules_field(model, targets),
         "modules_to_save": method.modules_to_save or None,
         "inference_mode": True,
         "revision": None,
-        **method.peft_config(model, targets),
     }
+    if targets:  # prompt-learning configs have no target modules: their adapters wrap no layer
+        config["target_modules"] = _target_modules_field(model, targets)
+    config.update(method.peft_config(model, targets))
     with atomic_directory(path) as staging:
         # safetensors refuses shared or non-contiguous storage; adapters are tiny, so copy.
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, staging / WEIGHTS_NAME, metadata=metadata)
@@ -234,6 +236,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     apply_peft(model, method)
     expected = adapter_tensors(model)
     layers = dict(adapter_layers(model))
+    adapters = dict(adapter_modules(model))
     # peft writes the full input/output embedding matrix beside adapters on ``embed_tokens`` or
     # ``lm_head`` (``save_embedding_layers``, for resized vocabularies); it is part of the base, so it is
     # loaded into the base weight as peft does. ``lm_head`` is an nn.Linear, so go by the model's own
@@ -252,11 +255,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for key, weight in embedding_bases.items():
             weight.copy_(tensors[key].to(weight.dtype))
-        for name, layer in layers.items():
-            layer.load_peft_state_dict({s: tensors[f"{PREFIX}{name}.{s}"] for s in layer.peft_state_dict()})
-        params = dict(model.named_parameters())
-        for key in expected:
-            name = key[len(PREFIX):]
-            if name in params and not any(name.startswith(layer + ".") for layer in layers):
-                params[name].copy_(tensors[key].to(params[name].dtype))
+        for name, adapter in adapters.items():
+            adapter.load_peft_state_dict({s: tensors[adapter.peft_key(name, s)] for s in adapter.peft_state_dict()})
+        for name, param in modules_to_save_parameters(model, method).items():
+            param.copy_(tensors[PREFIX + name].to(param.dtype))
     return model

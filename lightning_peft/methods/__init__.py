@@ -6,9 +6,14 @@ from lightning_peft.methods.bitfit import BitFit, BitFitLayer
 from lightning_peft.methods.compacter import Compacter
 from lightning_peft.methods.dora import DoRA, DoRALayer
 from lightning_peft.methods.ia3 import IA3, IA3Layer
+from lightning_peft.methods.llama_adapter import AdaptedAttention, LlamaAdapter
 from lightning_peft.methods.lora import LoRA, LoRALayer
+from lightning_peft.methods.p_tuning import PTuning
+from lightning_peft.methods.prefix_tuning import PrefixTuning
+from lightning_peft.methods.prompt_tuning import PromptTuning
 
 __all__ = [
+    "AdaptedAttention",
     "Adapter",
     "BitFit",
     "BitFitLayer",
@@ -18,8 +23,12 @@ __all__ = [
     "DoRALayer",
     "IA3",
     "IA3Layer",
+    "LlamaAdapter",
     "LoRA",
     "LoRALayer",
     "PEFTMethod",
+    "PTuning",
+    "PrefixTuning",
+    "PromptTuning",
     "method_from_dict",
 ]

@@ -64,6 +64,20 @@ class PEFTMethod:
         choices) builds them together here."""
         return {name: self.wrap(name, model.get_submodule(name)) for name in targets}
 
+    def attach(self, model: nn.Module) -> list[str]:
+        """Add the modules this method puts *beside* the model rather than around a layer (prompt tuning's
+        virtual tokens, with the forward hooks that feed them in); returns their names. None by default."""
+        return []
+
+    def exported(self) -> PEFTMethod:
+        """The method a saved adapter file describes: this one, unless export folds a part that only
+        serves training away (P-tuning's prompt encoder, prefix tuning's reparameterisation MLP)."""
+        return self
+
+    def writes_peft_format(self, model: nn.Module) -> bool:
+        """Whether ``save_adapter`` writes HF peft's format for this method on ``model`` (else ours)."""
+        return self.has_peft_format
+
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         """The ``adapter_config.json`` fields specific to this method, or raise if peft has no such format."""
         raise NotImplementedError(f"{type(self).__name__} has no HF peft file format")

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.ia3 import IA3
+from lightning_peft.methods.llama_adapter import LlamaAdapter
 from lightning_peft.methods.lora import LoRA
+from lightning_peft.methods.p_tuning import PTuning
+from lightning_peft.methods.prefix_tuning import PrefixTuning
+from lightning_peft.methods.prompt_tuning import PromptTuning
 
-PEFT_TYPES: dict[str, type[PEFTMethod]] = {"LORA": LoRA, "IA3": IA3}
+PEFT_TYPES: dict[str, type[PEFTMethod]] = {
+    "LORA": LoRA,
+    "IA3": IA3,
+    "PROMPT_TUNING": PromptTuning,
+    "P_TUNING": PTuning,
+    "PREFIX_TUNING": PrefixTuning,
+    "ADAPTION_PROMPT": LlamaAdapter,
+}
 
 
 def method_for_peft_type(peft_type: str | None) -> type[PEFTMethod]:
