@@ -24,7 +24,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from lightning_peft import disable_adapters, load_adapter, save_adapter
 from lightning_peft.cli import PEFTLightningCLI, main, run_cli
-from lightning_peft.core.adapter_layer import adapter_layers
+from lightning_peft.core.adapter_layer import adapter_layers, adapter_modules
 from lightning_peft.export.peft_format import read_adapter_dir
 from lightning_peft.tasks import CausalLMTask, SequenceClassificationTask
 
@@ -200,7 +200,7 @@ def test_config_runs(config: Path, assets_dir: Path, tmp_path: Path, monkeypatch
     cli.model.configure_model()
     load_adapter(cli.model, export / "adapter")
     model = cli.model.model.eval()
-    assert dict(adapter_layers(model)), "no adapter layers after load_adapter"
+    assert dict(adapter_modules(model)), "no adapters after load_adapter"
     # Every method here starts as the identity, so adapters that change the output have trained.
     ids = torch.arange(3, 19).reshape(2, 8)
     with torch.no_grad():
