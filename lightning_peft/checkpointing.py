@@ -69,7 +69,12 @@ def verify_checkpoint(checkpoint: dict[str, Any], lightning_module: nn.Module, m
         saved = method_from_dict(metadata["method"]) if metadata.get("method") else None
         if saved is not None and current is not None and saved != current:
             raise ValueError(f"checkpoint was trained with {saved!r} but this model has {current!r}; resume or load it with the same method config")
-    state = checkpoint.get("state_dict", {})
+    if "state_dict" not in checkpoint:
+        # A sharded (distributed checkpoint) directory: the strategy has already loaded the tensors itself,
+        # asking for exactly the keys of the module's state_dict (adapter-only, see make_state_dict_adapter_only),
+        # and torch.distributed.checkpoint refuses a missing one. What reaches this hook is the metadata only.
+        return
+    state = checkpoint["state_dict"]
     missing = sorted(n for n in adapter_state_names(lightning_module) if n not in state)
     if missing:
         raise KeyError(
