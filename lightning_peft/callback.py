@@ -31,6 +31,7 @@ from lightning_peft.mixin import PEFTMixin
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.export.from_source import check_merged_export_possible
 from lightning_peft.quantization.prepare import check_trainer_compatibility, quantize_for_training
+from lightning_peft.strategy_checks import check_strategy
 
 ExportWhen = Literal["fit_end", "checkpoint", "both"]
 
@@ -93,6 +94,7 @@ class PEFTCallback(Callback):
                     f"Use save_weights_only=False (adapter-only checkpoints are small anyway) or export_on='fit_end'"
                 )
         if isinstance(pl_module, PEFTMixin):
+            check_strategy(trainer, pl_module.peft_model)  # the model may not be built yet (configure_model)
             if self.quantization is not None:
                 check_trainer_compatibility(trainer, self.quantization, pl_module.peft_model)
                 pl_module.use_quantization(self.quantization, trainer.strategy.root_device)
@@ -104,6 +106,7 @@ class PEFTCallback(Callback):
                 f"PEFTCallback found no model in {type(pl_module).__name__} at setup; build it in __init__, "
                 f"or build it in configure_model and inherit lightning_peft.PEFTMixin"
             )
+        check_strategy(trainer, model)
         if self.quantization is not None:
             check_trainer_compatibility(trainer, self.quantization, model)
             quantize_for_training(model, self.quantization, trainer.strategy.root_device)

@@ -121,3 +121,43 @@ def test_injection_broadcasts_rank_zero_adapters(tmp_path):
 def test_broadcast_is_a_no_op_without_a_process_group():
     model = LitCausalLM().model
     assert broadcast_adapters(model) == 0
+
+
+# -- setups refused at setup, with what would work ----------------------------------------------------
+def test_unsupported_strategy_is_named():
+    from lightning_peft.strategy_checks import check_strategy
+
+    class HomeMadeStrategy:  # stands for a custom Strategy outside Lightning's families (only its type is read)
+        pass
+
+    fake_trainer = type("FakeTrainer", (), {"strategy": HomeMadeStrategy()})()
+    with pytest.raises(ValueError, match=r"does not support the HomeMadeStrategy strategy; use 'auto'/single device, 'ddp'"):
+        check_strategy(fake_trainer, None)
+
+
+def test_injecting_into_an_already_sharded_model_is_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        module = LitCausalLM()
+        fully_shard(module.model)  # sharded before injection, e.g. in the module's __init__
+        with pytest.raises(RuntimeError, match=r"already sharded \(FSDP\) before the adapters were injected.*PEFTMixin.parallelize"):
+            make_trainer(tmp_path, callbacks=[PEFTCallback(LoRA(r=4, target_modules=["q_proj"]))]).fit(module, [])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reentrant_checkpointing_with_find_unused_parameters_is_refused(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    module = LitCausalLM()
+    module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = make_trainer(tmp_path, strategy=DDPStrategy(find_unused_parameters=True), devices=1)
+    from lightning_peft.strategy_checks import check_strategy
+
+    with pytest.raises(ValueError, match=r"mark a variable ready only once.*PEFT needs no find_unused_parameters"):
+        check_strategy(trainer, module.model)
+    module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    check_strategy(trainer, module.model)  # non-reentrant is fine

@@ -449,7 +449,7 @@ def _fake_trainer(precision: str = "32-true", plugin=None, strategy=None):
 
 def test_trainer_setups_known_to_fail_are_refused():
     from lightning.pytorch.plugins.precision import BitsandbytesPrecision
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy
 
     bnb_plugin = BitsandbytesPrecision.__new__(BitsandbytesPrecision)  # CUDA-only to construct; the type is what counts
     with pytest.raises(ValueError, match="BitsandbytesPrecision"):
@@ -462,10 +462,12 @@ def test_trainer_setups_known_to_fail_are_refused():
         check_trainer_compatibility(_fake_trainer(strategy=FSDPStrategy()), Quantization())
     with pytest.raises(ValueError, match="LLM.int8"):
         check_trainer_compatibility(_fake_trainer(strategy=FSDPStrategy()), Quantization(bits=8))
-    check_trainer_compatibility(_fake_trainer(strategy=FSDPStrategy()), Quantization(quant_storage="bfloat16"))
-    reentrant = prepare_model_for_kbit_training(tiny_llama(0), gradient_checkpointing=True, use_reentrant=True)
-    with pytest.raises(ValueError, match="mark a variable ready only once"):
-        check_trainer_compatibility(_fake_trainer(strategy=DDPStrategy(find_unused_parameters=True)), Quantization(), reentrant)
+    check_trainer_compatibility(_fake_trainer("bf16-mixed", strategy=FSDPStrategy()), Quantization(quant_storage="bfloat16"))
+    # FSDP casts flat parameters to its param_dtype: 4-bit codes stored in another float dtype would be converted.
+    with pytest.raises(ValueError, match=r"quant_storage='bfloat16'\) does not match FSDP's param_dtype float32 \(precision='32-true'\)"):
+        check_trainer_compatibility(_fake_trainer(strategy=FSDPStrategy()), Quantization(quant_storage="bfloat16"))
+    with pytest.raises(ValueError, match=r"does not match FSDP's param_dtype float16.*set quant_storage='float16'"):
+        check_trainer_compatibility(_fake_trainer("16-mixed", strategy=FSDPStrategy()), Quantization(quant_storage="bfloat16"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def prepare_model_for_kbit_training(model: nn.Module, gradient_checkpointing: bo
 def check_trainer_compatibility(trainer: Any, quantization: Quantization, model: nn.Module | None = None) -> None:
     """Raise for Trainer setups known to fail with a k-bit base; warn for ones that silently degrade."""
     from lightning.pytorch.plugins.precision import BitsandbytesPrecision
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     if isinstance(trainer.precision_plugin, BitsandbytesPrecision):
         raise ValueError(
@@ -143,14 +143,28 @@ def check_trainer_compatibility(trainer: Any, quantization: Quantization, model:
                 f"FSDP shards one float dtype per unit and cannot mix uint8 4-bit codes with {quantization.compute_dtype} "
                 f"weights: set Quantization(quant_storage={quantization.compute_dtype!r})"
             )
+        param_dtype = fsdp_param_dtype(strategy, precision)
+        if param_dtype is not None and quantization.torch_quant_storage != param_dtype:
+            # FSDP casts each flat parameter to param_dtype for the forward pass; the packed 4-bit codes would be
+            # converted as numbers, and their bytes (what bitsandbytes reads) would no longer be the codes.
+            name = str(param_dtype).removeprefix("torch.")
+            raise ValueError(
+                f"Quantization(quant_storage={quantization.quant_storage!r}) does not match FSDP's param_dtype {name} "
+                f"(precision={precision!r}); set quant_storage={name!r}, or a precision whose FSDP param_dtype is "
+                f"{quantization.quant_storage}"
+            )
     if isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
         raise ValueError("DeepSpeed ZeRO-3 cannot partition bitsandbytes k-bit weights; use ZeRO-2, DDP or FSDP with 4-bit")
-    if isinstance(strategy, DDPStrategy) and model is not None and uses_reentrant_checkpointing(model):
-        if getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
-            raise ValueError(
-                "reentrant gradient checkpointing with DDP(find_unused_parameters=True) fails with 'Expected to mark a "
-                "variable ready only once'; use non-reentrant checkpointing (the default here) or find_unused_parameters=False"
-            )
+
+
+def fsdp_param_dtype(strategy: Any, precision: str) -> torch.dtype | None:
+    """The dtype Lightning's FSDPStrategy gives FSDP's ``MixedPrecision(param_dtype=...)``: the user's
+    ``mixed_precision`` if set, else the one its precision plugin derives from ``precision``."""
+    configured = getattr(strategy, "mixed_precision", None)  # FSDPStrategy(mixed_precision=MixedPrecision(...))
+    if configured is not None and configured.param_dtype is not None:
+        return configured.param_dtype
+    by_precision = {"16-true": torch.float16, "16-mixed": torch.float16, "bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "32-true": torch.float32}
+    return by_precision.get(precision)
 
 
 def quantize_for_training(model: nn.Module, quantization: Quantization, device: Any = None) -> None:
