@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -20,5 +21,9 @@ def assets_dir() -> Path:
     from lightning_peft.assets import prepare_assets
 
     root = Path(os.environ.get("LIGHTNING_PEFT_ASSETS") or REPO_ROOT / "assets")
-    prepare_assets(root)
+    root.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers (the test command runs two) share this directory: one prepares, the other waits.
+    with open(root / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prepare_assets(root)
     return root

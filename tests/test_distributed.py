@@ -61,7 +61,10 @@ def train(tmp_path: Path, devices: int, method: Any, quantization: Quantization 
     trainer = make_trainer(
         tmp_path,
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        # A fresh process for the 1-device run too: some first-use initialisations (seen with bitsandbytes'
+        # NF4 on CPU) draw from the global RNG once per process, so a run inside a pytest worker that has
+        # already used them would start from a different adapter than the spawned ranks.
+        strategy="ddp_spawn",
         max_steps=STEPS,
         use_distributed_sampler=False,  # ShardedLM shards itself
         callbacks=[SeedAtSetup(), PEFTCallback(method, quantization=quantization), SaveTrainable(path)],
