@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_peft.core.adapter_layer import adapter_layers
+from lightning_peft.checkpointing import adapter_state_names
 
 
 def distributed_world_size() -> int:
@@ -24,11 +24,10 @@ def distributed_world_size() -> int:
 
 
 def adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Trainable parameters and adapter buffers, in a fixed (named_parameters) order on every rank."""
-    tensors = [param for _, param in model.named_parameters() if param.requires_grad]
-    for _, layer in adapter_layers(model):
-        tensors.extend(buffer for _, buffer in layer.adapter_named_buffers())
-    return tensors
+    """What an adapter-only checkpoint holds (:func:`~lightning_peft.checkpointing.adapter_state_names`),
+    in name order, so every rank lists the same tensors in the same order."""
+    by_name = dict(model.named_parameters()) | dict(model.named_buffers())
+    return [by_name[name] for name in sorted(adapter_state_names(model))]
 
 
 @torch.no_grad()
