@@ -24,13 +24,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_peft.checkpointing import attach_checkpoint_hooks, make_state_dict_adapter_only
 from lightning_peft.core.injection import apply_peft, parameter_summary
 from lightning_peft.core.model_lookup import find_model
-from lightning_peft.distributed import broadcast_adapters
+from lightning_peft.distributed import broadcast_adapters, full_adapter_parameters
 from lightning_peft.data_init import initialise_from_trainer, needs_data_init
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.mixin import PEFTMixin
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.export.from_source import check_merged_export_possible
 from lightning_peft.quantization.prepare import check_trainer_compatibility, quantize_for_training
+from lightning_peft.fsdp_wrapping import use_adapter_wrap_policy
 from lightning_peft.strategy_checks import check_strategy
 
 ExportWhen = Literal["fit_end", "checkpoint", "both"]
@@ -93,6 +94,8 @@ class PEFTCallback(Callback):
                     f"callbacks for weights-only checkpoints ({type(weights_only[0]).__name__}(save_weights_only=True)). "
                     f"Use save_weights_only=False (adapter-only checkpoints are small anyway) or export_on='fit_end'"
                 )
+        # FSDP1 wraps after setup: give it units that keep adapters apart from the frozen base.
+        use_adapter_wrap_policy(trainer.strategy)
         if isinstance(pl_module, PEFTMixin):
             check_strategy(trainer, pl_module.peft_model)  # the model may not be built yet (configure_model)
             if self.quantization is not None:
@@ -148,15 +151,16 @@ class PEFTCallback(Callback):
             self._export(trainer, pl_module, Path(self.export_dir))
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: os.PathLike) -> None:
-        if not trainer.is_global_zero:
-            return
         from lightning_peft.export.merged import save_merged
         from lightning_peft.export.peft_format import save_adapter
 
         model = self._model(pl_module)
-        save_adapter(model, Path(directory) / "adapter")
-        if self.export_merged:
-            save_merged(model, Path(directory) / "merged", tokenizer=getattr(pl_module, "tokenizer", None))
+        # Every rank gathers (ZeRO-3, FSDP: each holds a slice of each adapter tensor); rank 0 writes.
+        with full_adapter_parameters(model):
+            if trainer.is_global_zero:
+                save_adapter(model, Path(directory) / "adapter")
+                if self.export_merged:
+                    save_merged(model, Path(directory) / "merged", tokenizer=getattr(pl_module, "tokenizer", None))
         rank_zero_info(f"lightning_peft: exported adapter to {Path(directory) / 'adapter'}")
 
     def state_dict(self) -> dict[str, Any]:
@@ -171,7 +175,7 @@ def check_optimizers_cover_trainable(trainer: pl.Trainer, pl_module: pl.Lightnin
     """
     if not trainer.optimizers:
         return
-    in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    in_optimizer = {id(p) for opt in trainer.optimizers for p in _optimized_parameters(opt)}
     orphans = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
     if orphans:
         raise RuntimeError(
@@ -179,3 +183,14 @@ def check_optimizers_cover_trainable(trainer: pl.Trainer, pl_module: pl.Lightnin
             f"train. Build the optimizer in configure_optimizers from the trainable parameters: "
             f"torch.optim.AdamW(p for p in self.parameters() if p.requires_grad)"
         )
+
+
+def _optimized_parameters(optimizer: Any) -> list[Any]:
+    """The model parameters an optimizer updates. DeepSpeed's ZeRO optimizers keep flat float32 partitions in
+    ``param_groups``; the model's own parameters are in their ``bit16_groups`` (stages 1-2) or
+    ``fp16_groups`` (stage 3)."""
+    for attribute in ("bit16_groups", "fp16_groups"):
+        groups = getattr(optimizer, attribute, None)
+        if groups:
+            return [p for group in groups for p in group]
+    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -21,6 +21,7 @@ from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
 from lightning_peft.core.injection import injected_method
 from lightning_peft.core.model_lookup import find_model
+from lightning_peft.core.sharding import state_dict_name
 from lightning_peft.methods.base import method_from_dict
 
 CHECKPOINT_KEY = "lightning_peft"
@@ -31,9 +32,9 @@ def adapter_state_names(module: nn.Module) -> set[str]:
     """State-dict names of what an adapter-only checkpoint holds: the trainable parameters and the
     adapter layers' persistent buffers (e.g. the initial factors of a PiSSA or LoRA-GA init, without
     which the adapter is wrong against the unmodified base)."""
-    names = {name for name, param in module.named_parameters() if param.requires_grad}
+    names = {state_dict_name(name) for name, param in module.named_parameters() if param.requires_grad}
     for layer_name, layer in adapter_layers(module):
-        names |= {f"{layer_name}.{name}" for name, _ in layer.adapter_named_buffers()}
+        names |= {state_dict_name(f"{layer_name}.{name}") for name, _ in layer.adapter_named_buffers()}
     return names
 
 

@@ -12,11 +12,15 @@ collective over a few megabytes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lightning_peft.checkpointing import adapter_state_names
+from lightning_peft.core.sharding import state_dict_name
 
 
 def distributed_world_size() -> int:
@@ -26,7 +30,7 @@ def distributed_world_size() -> int:
 def adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
     """What an adapter-only checkpoint holds (:func:`~lightning_peft.checkpointing.adapter_state_names`),
     in name order, so every rank lists the same tensors in the same order."""
-    by_name = dict(model.named_parameters()) | dict(model.named_buffers())
+    by_name = {state_dict_name(name): tensor for name, tensor in (*model.named_parameters(), *model.named_buffers())}
     return [by_name[name] for name in sorted(adapter_state_names(model))]
 
 
@@ -56,3 +60,49 @@ def broadcast_adapters(model: nn.Module, src: int = 0) -> int:
             tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
     return len(tensors)
+
+
+@contextmanager
+def full_adapter_parameters(model: nn.Module) -> Iterator[None]:
+    """Inside this context every rank holds the whole of every adapter parameter; enter it on *every* rank
+    (it gathers), then read or export on one.
+
+    Sharded strategies leave each rank a slice of each parameter, and reading one there gives an empty or
+    partial tensor: DeepSpeed ZeRO-3 empties ``param.data`` (the known "ZeRO-3 saves empty adapters"
+    failure), FSDP1 turns parameters into views of this rank's shard of a flat tensor, FSDP2 into DTensors.
+    Only the adapters are gathered, never the frozen base: ZeRO-3 gathers the named parameters, FSDP1 the
+    units that hold trainable parameters (adapters have units of their own, see fsdp_wrapping.py), and a
+    DTensor adapter is swapped for its full tensor until the context ends.
+    """
+    trainable = [(module, name, param) for module in model.modules() for name, param in module._parameters.items() if param is not None and param.requires_grad]
+    with ExitStack() as stack:
+        zero3 = [param for _, _, param in trainable if hasattr(param, "ds_id")]
+        if zero3:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        for unit in _fsdp1_units_with_trainable_parameters(model):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            stack.enter_context(FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False))
+        swapped = []
+        for module, name, param in trainable:
+            if hasattr(param, "full_tensor"):  # a DTensor (FSDP2): every rank takes part in full_tensor()
+                module._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=True)
+                swapped.append((module, name, param))
+        try:
+            yield
+        finally:
+            for module, name, param in swapped:
+                module._parameters[name] = param
+
+
+def _fsdp1_units_with_trainable_parameters(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units = []
+    for module in model.modules():
+        handle = getattr(module, "_handle", None) if isinstance(module, FullyShardedDataParallel) else None
+        if handle is not None and handle.flat_param.requires_grad:
+            units.append(module)
+    return units

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_peft.core.sharding import is_sharded
 from lightning_peft.quantization.prepare import uses_reentrant_checkpointing
 
 
@@ -60,14 +61,3 @@ def check_strategy(trainer: Any, model: nn.Module | None) -> None:
                 "variable ready only once'. PEFT needs no find_unused_parameters (DDP only tracks trainable parameters): "
                 "use strategy='ddp', or model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
             )
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP (FSDP1's wrapper or FSDP2's ``fully_shard``) has already been applied inside ``model``."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6 exposes FSDP2 elsewhere; FSDP1 is still detected
-        FSDPModule = ()  # noqa: N806
-    return any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in model.modules())

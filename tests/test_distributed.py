@@ -1,6 +1,7 @@
 """Data-parallel training on CPU (gloo, 2 processes): the same adapters as one process with the same
-global batch, for one method of each family and for QLoRA; and every rank starts from rank 0's adapter
-without relying on DDP's own broadcast (which FSDP2 does not do)."""
+global batch, for one method of each family (LoRA, DoRA, (IA)3, a bottleneck adapter, prefix tuning) and
+for QLoRA; and every rank starts from rank 0's adapter without relying on DDP's own broadcast (which
+FSDP2 does not do)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_helpers import LitCausalLM, make_trainer, token_batches
-from lightning_peft import IA3, Adapter, DoRA, LoRA, PEFTCallback, Quantization
+from lightning_peft import IA3, Adapter, DoRA, LoRA, PEFTCallback, PrefixTuning, Quantization
 from lightning_peft.distributed import broadcast_adapters
 
 GLOBAL_BATCH = 4
@@ -78,6 +79,7 @@ METHODS = {
     "dora": lambda: (DoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), None),
     "ia3": lambda: (IA3(), None),
     "houlsby": lambda: (Adapter(style="houlsby", reduction_factor=4), None),
+    "prefix-tuning": lambda: (PrefixTuning(num_virtual_tokens=4, projection=True), None),
     "qlora-nf4": lambda: (LoRA(r=4, alpha=8, target_modules="all-linear"), Quantization(bits=4, compute_dtype="float32")),
 }
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lightning_peft.export.peft_format as peft_format
+import lightning_peft.export.atomic as atomic
 from lightning_peft import (
     AdapterFileError,
     BaseModelMismatchError,
@@ -371,7 +372,7 @@ def test_failed_save_keeps_the_old_adapter(saved, monkeypatch):
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(peft_format, "save_file", broken_save)
+    monkeypatch.setattr(atomic, "save_file", broken_save)
     other = tiny_llama(0)
     apply_peft(other, LoRA(r=2, target_modules=["q_proj"]))
     with pytest.raises(OSError, match="disk full"):

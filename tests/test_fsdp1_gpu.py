@@ -14,13 +14,11 @@ from lightning_peft import LoRA, PEFTCallback, Quantization
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-# Known failures, measured on an H100 (2026-11-23), kept strict so they flag when fixed:
-# - lora: the adapter-only state_dict post-hook runs before FSDP1's own full-state-dict hook, which then
-#   asserts "FSDP assumes model.model.embed_tokens.weight is in the state_dict" when the checkpoint is saved;
-# - qlora: FSDP1 flattens each wrap unit into one tensor of one dtype, and the unit mixes the float32
-#   adapters and norms with the bfloat16-stored 4-bit codes ("Must flatten tensors with uniform dtype").
-# Both need the adapter auto-wrap policy of issue 7 (adapters in their own units) and a hook order fix.
-@pytest.mark.xfail(strict=True, reason="FSDP1: adapter wrap policy and state-dict hook order not done yet (issue 7)")
+# Measured on an H100 (2026-11-23) before lightning_peft/fsdp_wrapping.py existed, both cases failed: the adapter-only
+# state_dict hook ran before FSDP1's own hook for the root unit ("FSDP assumes model.model.embed_tokens.weight is in the
+# state_dict"), and QLoRA's unit mixed float32 adapters and norms with bfloat16-stored codes ("Must flatten tensors with
+# uniform dtype"). The adapter wrap policy leaves the root unit empty and every unit one dtype; tests/test_fsdp1.py checks
+# both on CPU processes. This test runs the same on a GPU: python -m pytest -q -m gpu tests/test_fsdp1_gpu.py
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 def test_fsdp1_single_gpu_trains_checkpoints_and_resumes(tmp_path, quantized):
     from lightning.pytorch.strategies import FSDPStrategy

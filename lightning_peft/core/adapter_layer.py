@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from lightning_peft.core.sharding import state_dict_name
+
 BASE_LAYER = "base_layer"
 
 
@@ -195,17 +197,18 @@ class AdapterLayer(AdapterModule):
         tensor.data.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
-    """All adapters of ``model`` (layer wrappers and attached modules) with their qualified names."""
+    """All adapters of ``model`` (layer wrappers and attached modules) with their qualified names, spelled
+    as in the state dict (without the segments FSDP1's wrappers insert, so files name the same modules)."""
     for name, module in model.named_modules():
         if isinstance(module, AdapterModule):
-            yield name, module
+            yield state_dict_name(name), module
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    """All adapter layers of ``model`` with their qualified names."""
+    """All adapter layers of ``model`` with their qualified names (spelled as by :func:`adapter_modules`)."""
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
-            yield name, module
+            yield state_dict_name(name), module
 
 
 def base_parameter_name(name: str) -> str:

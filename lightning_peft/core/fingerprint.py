@@ -16,7 +16,12 @@ import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import adapter_layers, adapter_modules, base_parameter_name
+from lightning_peft.core.sharding import is_sharded, state_dict_name
 
+#: Where the fingerprint taken at injection is kept: once FSDP has sharded the model, a rank holds only
+#: slices of the base (see core/sharding.py), and gathering every frozen tensor to fingerprint it at each
+#: checkpoint would cost what adapter-only checkpoints save.
+FINGERPRINT_ATTRIBUTE = "_lightning_peft_base_fingerprint"
 _SAMPLES = 64
 _RTOL = 2e-2  # bf16 rounding of 64 summed elements stays well inside this
 
@@ -46,7 +51,7 @@ def _sample_sum(tensor: torch.Tensor) -> float | None:
 def _base_parameters(model: nn.Module, frozen_only: bool) -> dict[str, torch.Tensor]:
     adapter_ids = {id(p) for _, adapter in adapter_modules(model) for _, p in adapter.adapter_named_parameters()}
     return {
-        base_parameter_name(name): param
+        base_parameter_name(state_dict_name(name)): param
         for name, param in model.named_parameters()
         if id(param) not in adapter_ids and not (frozen_only and param.requires_grad)
     }
@@ -54,7 +59,11 @@ def _base_parameters(model: nn.Module, frozen_only: bool) -> dict[str, torch.Ten
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """``{"name_or_path": ..., "tensors": {name: [shape, sample_sum]}}`` over the frozen base parameters
-    (fully trained ``modules_to_save`` are left out: they are stored in full beside the adapters)."""
+    (fully trained ``modules_to_save`` are left out: they are stored in full beside the adapters).
+
+    A sharded model returns the fingerprint :func:`remember_base_fingerprint` took at injection."""
+    if is_sharded(model) and getattr(model, FINGERPRINT_ATTRIBUTE, None) is not None:
+        return getattr(model, FINGERPRINT_ATTRIBUTE)
     # A merged layer's base weight (and bias) holds W + delta: fingerprint the W the adapter belongs to, or an adapter
     # saved from a merged model (merge_adapters(unload=False)) would be refused by its own base.
     merged = {f"{name}.{kind}": layer for name, layer in adapter_layers(model) if layer.merged for kind in ("weight", "bias")}
@@ -68,10 +77,19 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     return {"name_or_path": name_or_path, "tensors": tensors}
 
 
+def remember_base_fingerprint(model: nn.Module) -> None:
+    """Keep ``model``'s fingerprint for when it is sharded (called at injection, before any sharding)."""
+    object.__setattr__(model, FINGERPRINT_ATTRIBUTE, base_fingerprint(model))
+
+
 def check_fingerprint(saved: dict[str, Any], model: nn.Module, what: str = "adapter") -> None:
     """Raise :class:`BaseModelMismatchError` naming the first differences between ``saved`` and ``model``."""
     # Every base parameter of ``model`` counts here, frozen or not: a fresh model has nothing frozen yet.
-    current = {name: [_logical_shape(p), _sample_sum(p)] for name, p in _base_parameters(model, frozen_only=False).items()}
+    remembered = getattr(model, FINGERPRINT_ATTRIBUTE, None) if is_sharded(model) else None
+    if remembered is not None:
+        current = remembered["tensors"]
+    else:
+        current = {name: [_logical_shape(p), _sample_sum(p)] for name, p in _base_parameters(model, frozen_only=False).items()}
     expected = saved.get("tensors", {})
     problems: list[str] = []
     missing = sorted(set(expected) - set(current))

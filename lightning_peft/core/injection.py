@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers, adapter_modules
+from lightning_peft.core.fingerprint import remember_base_fingerprint
 from lightning_peft.methods.base import PEFTMethod
 
 # Set on the model root so later calls (another stage, a checkpoint restore, an export) know which
@@ -84,6 +85,7 @@ def apply_peft(model: nn.Module, method: PEFTMethod) -> list[str]:
     targets = inject_adapters(model, method)
     freeze_base(model, method)
     object.__setattr__(model, METHOD_ATTRIBUTE, method)  # not a submodule: bypass nn.Module.__setattr__
+    remember_base_fingerprint(model)  # sharding comes after injection; the whole base is readable only now
     return targets
 
 

@@ -1,4 +1,5 @@
-"""Atomic directory writes: a crash mid-save must never leave a half-written adapter behind a good name."""
+"""Adapter files written safely: atomically (a crash mid-save must never leave a half-written adapter behind
+a good name) and never with an empty tensor."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
 
 
 @contextmanager
@@ -42,3 +46,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_adapter_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """Write adapter tensors to a safetensors ``file``, refusing an empty one.
+
+    An adapter tensor is never empty; one that is has been read on a rank that holds only its shard
+    (DeepSpeed ZeRO-3 empties ``param.data``), and writing it would give a file that loads as garbage.
+    """
+    empty = [name for name, tensor in tensors.items() if tensor.numel() == 0]
+    if empty:
+        raise ValueError(
+            f"adapter tensors {empty[:3]} are empty: their parameters are partitioned across ranks (DeepSpeed ZeRO-3 or "
+            f"FSDP). Export with PEFTCallback(export_dir=...), which gathers them, or inside "
+            f"lightning_peft.distributed.full_adapter_parameters(model) entered on every rank"
+        )
+    # safetensors refuses shared or non-contiguous storage; adapters are tiny, so copy.
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, file, metadata=metadata)

@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lightning_peft.core.adapter_layer import adapter_modules
 from lightning_peft.core.injection import apply_peft, injected_method
-from lightning_peft.export.atomic import atomic_directory
+from lightning_peft.export.atomic import atomic_directory, write_adapter_tensors
 from lightning_peft.methods.base import PEFTMethod, method_from_dict
 
 FORMAT = "lightning_peft"
@@ -81,8 +80,7 @@ def save_native_adapter(model: nn.Module, path: str | os.PathLike, task_type: st
         "modules_to_save": method.modules_to_save or None,
     }
     with atomic_directory(path) as staging:
-        # safetensors refuses shared or non-contiguous storage; adapters are tiny, so copy.
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, staging / "adapter_model.safetensors", metadata=metadata)
+        write_adapter_tensors(tensors, staging / "adapter_model.safetensors", metadata)
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(path)
 

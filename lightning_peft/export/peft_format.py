@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lightning_peft.core.adapter_layer import PEFT_KEY_PREFIX, adapter_layers, adapter_modules
@@ -33,7 +33,7 @@ from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
 from lightning_peft.core.injection import apply_peft, injected_method
 from lightning_peft.core.model_lookup import resolve_model
 from lightning_peft.core.targets import _matches, _name_matches, exact_names_pattern, find_targets
-from lightning_peft.export.atomic import atomic_directory
+from lightning_peft.export.atomic import atomic_directory, write_adapter_tensors
 from lightning_peft.export.native_format import is_native_config, load_native_adapter, save_native_adapter
 from lightning_peft.methods.base import PEFTMethod
 
@@ -140,8 +140,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         config["target_modules"] = _target_modules_field(model, targets)
     config.update(method.peft_config(model, targets))
     with atomic_directory(path) as staging:
-        # safetensors refuses shared or non-contiguous storage; adapters are tiny, so copy.
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, staging / WEIGHTS_NAME, metadata=metadata)
+        write_adapter_tensors(tensors, staging / WEIGHTS_NAME, metadata)
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(path)
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, is_kbit_weight
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules, is_kbit_weight
 from lightning_peft.core.targets import TargetSpec, _matches, _name_matches
 from lightning_peft.methods.base import PEFTMethod
 
@@ -134,7 +134,7 @@ class IA3(PEFTMethod):
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         from transformers.pytorch_utils import Conv1D
 
-        modules = dict(model.named_modules())
+        modules = dict(adapter_modules(model))  # the names ``targets`` uses (state-dict spelling)
         layers = {t: modules[t] for t in targets}
         feedforward = [t for t, layer in layers.items() if isinstance(layer, IA3Layer) and layer.feedforward]
         return {

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, is_kbit_weight
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules, is_kbit_weight
 from lightning_peft.core.targets import TargetSpec, linear_types
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.lora_init import olora_factors, pissa_factors
@@ -156,7 +156,7 @@ class LoRA(PEFTMethod):
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         from transformers.pytorch_utils import Conv1D
 
-        modules = dict(model.named_modules())
+        modules = dict(adapter_modules(model))  # the names ``targets`` uses (state-dict spelling)
         # ``targets`` are already wrapped when this runs (save_adapter): look at the layer inside the wrapper,
         # or every Conv1D model would be written with fan_in_fan_out=false.
         layers = [getattr(modules[t], "base_layer", modules[t]) for t in targets]
