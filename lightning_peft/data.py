@@ -118,6 +118,19 @@ class _TokenizedDataModule(LightningDataModule):
         return pad
 
     @override
+    def prepare_data(self) -> None:
+        """Check that the data files are there, before any rank starts building its splits.
+
+        Lightning calls this once per node (local rank 0). Nothing is downloaded or written here: the files come
+        from ``lightning-peft prepare-assets`` run before the job, onto a filesystem every node sees, because a
+        download inside a multi-node job races between nodes. A missing file therefore fails here, once per node,
+        with how to make it, rather than in ``setup`` on every rank.
+        """
+        for path, what in ((getattr(self, "train_file", None), "training file"), (getattr(self, "val_file", None), "validation file")):
+            if path is not None:
+                _require_file(path, what)
+
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         # fit, validate and test all need the same two splits; build them once.
         if self.train_dataset is None:

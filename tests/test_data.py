@@ -165,6 +165,17 @@ def test_missing_files_name_the_path_and_the_fix(tmp_path, make_tokenizer):
         with pytest.raises(FileNotFoundError, match="prepare-assets") as err:
             dm.setup("fit")
         assert missing in str(err.value)
+        # prepare_data (once per node, before any rank's setup) fails the same way, and never tokenizes.
+        with pytest.raises(FileNotFoundError, match="prepare-assets") as err:
+            dm.prepare_data()
+        assert missing in str(err.value)
+
+
+def test_prepare_data_accepts_files_that_exist_without_loading_anything(tmp_path):
+    existing = write_jsonl(tmp_path / "ok.jsonl", [chat("hi", "hello")])
+    dm = ChatDataModule("no/such/tokenizer", existing, existing)  # the tokenizer would fail to load if touched
+    dm.prepare_data()
+    assert dm._tokenizer is None and dm.train_dataset is None
 
 
 # ------------------------------------------------------------------------------------------------
