@@ -31,8 +31,8 @@ from lightning_peft.mixin import PEFTMixin
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.export.from_source import check_merged_export_possible
 from lightning_peft.quantization.prepare import check_trainer_compatibility, quantize_for_training
-from lightning_peft.fsdp_wrapping import use_adapter_wrap_policy
-from lightning_peft.strategy_checks import check_strategy
+from lightning_peft.fsdp_wrapping import configure_fsdp1
+from lightning_peft.strategy_checks import check_merged_export, check_strategy
 
 ExportWhen = Literal["fit_end", "checkpoint", "both"]
 
@@ -94,8 +94,9 @@ class PEFTCallback(Callback):
                     f"callbacks for weights-only checkpoints ({type(weights_only[0]).__name__}(save_weights_only=True)). "
                     f"Use save_weights_only=False (adapter-only checkpoints are small anyway) or export_on='fit_end'"
                 )
+        check_merged_export(trainer, self.export_merged)
         # FSDP1 wraps after setup: give it units that keep adapters apart from the frozen base.
-        use_adapter_wrap_policy(trainer.strategy)
+        configure_fsdp1(trainer.strategy)
         if isinstance(pl_module, PEFTMixin):
             check_strategy(trainer, pl_module.peft_model)  # the model may not be built yet (configure_model)
             if self.quantization is not None:
@@ -187,9 +188,9 @@ def check_optimizers_cover_trainable(trainer: pl.Trainer, pl_module: pl.Lightnin
 
 def _optimized_parameters(optimizer: Any) -> list[Any]:
     """The model parameters an optimizer updates. DeepSpeed's ZeRO optimizers keep flat float32 partitions in
-    ``param_groups``; the model's own parameters are in their ``bit16_groups`` (stages 1-2) or
-    ``fp16_groups`` (stage 3)."""
-    for attribute in ("bit16_groups", "fp16_groups"):
+    ``param_groups``; the model's own parameters are in their ``bit16_groups`` (stages 1-2), ``fp16_groups``
+    (stage 3) or ``bf16_groups`` (``BF16_Optimizer``)."""
+    for attribute in ("bit16_groups", "fp16_groups", "bf16_groups"):  # BF16_Optimizer: ZeRO-1 with bf16
         groups = getattr(optimizer, attribute, None)
         if groups:
             return [p for group in groups for p in group]

@@ -27,6 +27,17 @@ def distributed_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def on_any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on at least one rank (a collective: every rank must call it, in the same order).
+    Decisions that change which collectives follow (broadcast or not, sync or not) must agree across ranks."""
+    if distributed_world_size() == 1:
+        return flag
+    transport = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=transport)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
     """What an adapter-only checkpoint holds (:func:`~lightning_peft.checkpointing.adapter_state_names`),
     in name order, so every rank lists the same tensors in the same order."""
@@ -39,14 +50,19 @@ def broadcast_adapters(model: nn.Module, src: int = 0) -> int:
     """Copy rank ``src``'s adapter tensors to every rank; returns how many tensors were sent.
 
     One collective per dtype: the tensors are packed into a flat buffer (on the GPU for NCCL, which
-    cannot send host memory; the model is still on the host at injection time). Tensors on the meta
-    device (a model built empty, materialised later) are skipped: whoever materialises them must
-    initialise them the same way on every rank, which ``LoRALayer.reset_adapter`` after a seeded
-    ``to_empty`` does.
+    cannot send host memory; the model is still on the host at injection time). When any rank holds its
+    adapters on the meta device (a model built empty, materialised later), nothing is sent: whoever
+    materialises them must make them equal on every rank (FSDP1's ``sync_module_states``, or
+    ``LoRALayer.reset_adapter`` after a seeded ``to_empty``).
     """
     if distributed_world_size() == 1:
         return 0
-    tensors = [t for t in adapter_tensors(model) if not t.is_meta]
+    tensors = adapter_tensors(model)
+    # Every rank must make the same collectives. If any rank's adapters are still on the meta device (a base
+    # loaded on rank 0 only, see quantization/rank0_loading.py), nobody sends: FSDP's sync_module_states will
+    # copy rank 0's values into every rank when it materialises the model.
+    if on_any_rank(any(t.is_meta for t in tensors)):
+        return 0
     transport = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for tensor in tensors:
@@ -86,11 +102,11 @@ def full_adapter_parameters(model: nn.Module) -> Iterator[None]:
 
             stack.enter_context(FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False))
         swapped = []
-        for module, name, param in trainable:
-            if hasattr(param, "full_tensor"):  # a DTensor (FSDP2): every rank takes part in full_tensor()
-                module._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=True)
-                swapped.append((module, name, param))
         try:
+            for module, name, param in trainable:
+                if hasattr(param, "full_tensor"):  # a DTensor (FSDP2): every rank takes part in full_tensor()
+                    module._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=True)
+                    swapped.append((module, name, param))
             yield
         finally:
             for module, name, param in swapped:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.distributed import on_any_rank
+
 Kind = tuple[torch.dtype, bool]  # (dtype, requires_grad)
 
 
@@ -90,7 +92,30 @@ def plan_wrap_units(root: nn.Module, natural_units: set[nn.Module], ignored: set
     # only its own direct parameters. FSDP's state-dict hook for the root asserts that all of the root's
     # parameters are in the state dict, and the adapter-only hook has dropped the frozen ones before it.
     keep_in(root, None)
+    _check_units_can_flatten(root, units, ignored)
     return units
+
+
+def _check_units_can_flatten(root: nn.Module, units: set[nn.Module], ignored: set[nn.Module]) -> None:
+    """Refuse, with the fix, what no choice of units can separate: one module's own parameters in two dtypes
+    (FSDP1 flattens a unit into one tensor), and frozen parameters owned by the root itself."""
+    names = {module: name for name, module in root.named_modules()}
+    for module in (root, *units):
+        if module in ignored:
+            continue
+        dtypes = {dtype for dtype, _ in _own_kinds(module)}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"FSDP1 cannot shard {names[module] or type(module).__name__!r} ({type(module).__name__}): its own parameters "
+                f"have dtypes {sorted(map(str, dtypes))} and a wrap unit is flattened into one tensor. Load the base in one "
+                f"dtype (for QLoRA, the quant_storage dtype, e.g. dtype=torch.bfloat16 with quant_storage='bfloat16')"
+            )
+    frozen_at_root = [name for name, param in root.named_parameters(recurse=False) if not param.requires_grad]
+    if frozen_at_root:
+        raise ValueError(
+            f"{type(root).__name__} holds frozen parameters itself ({frozen_at_root[:3]}); under FSDP1 with adapter-only "
+            f"checkpoints they must live in a submodule (e.g. an nn.Module attribute) so they get a wrap unit of their own"
+        )
 
 
 def natural_units(model: nn.Module) -> set[nn.Module]:
@@ -135,13 +160,23 @@ class AdapterWrapPolicy(_policy_base()):  # type: ignore[misc]
         return {module: chosen.get(module, copy.copy(root_kwargs)) for module in units}
 
 
-def use_adapter_wrap_policy(strategy: Any) -> None:
-    """Give Lightning's ``FSDPStrategy`` the adapter-aware policy, wrapping the one it was given (idempotent).
-    Must run before the strategy wraps the model (``Callback.setup`` / ``configure_model`` do)."""
+def configure_fsdp1(strategy: Any, model: nn.Module | None = None) -> None:
+    """Prepare Lightning's ``FSDPStrategy`` for an adapted model, before it wraps (``Callback.setup`` and
+    ``configure_model`` run before; idempotent; other strategies are left alone):
+
+    - the adapter-aware policy, wrapping the one the strategy was given;
+    - for a ``model`` whose parameters are (partly) on the meta device, as other ranks' are after a rank-0-only
+      load (:mod:`lightning_peft.quantization.rank0_loading`): ``param_init_fn`` allocates each unit's parameters
+      on the rank's device and ``sync_module_states`` copies rank 0's values into them, unit by unit.
+    """
     from lightning.pytorch.strategies import FSDPStrategy
 
     if not isinstance(strategy, FSDPStrategy):
         return
+    # Rank 0 holds real weights and the others meta ones: all must agree to sync, or their collectives differ.
+    if model is not None and on_any_rank(any(param.is_meta for param in model.parameters())):
+        strategy.kwargs["sync_module_states"] = True
+        strategy.kwargs.setdefault("param_init_fn", MaterializeOn(strategy.root_device))
     current = strategy.kwargs.get("auto_wrap_policy")
     if isinstance(current, AdapterWrapPolicy):
         return
@@ -158,3 +193,14 @@ class _FrozenKeysAbsentByDesign(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Did not find param with FQN" not in record.getMessage()
+
+
+class MaterializeOn:
+    """FSDP1's ``param_init_fn``: allocate a module's own meta parameters and buffers, uninitialised, on ``device``
+    (``sync_module_states`` then fills them from rank 0). A class rather than a closure, so it pickles."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, module: nn.Module) -> None:
+        module.to_empty(device=self.device, recurse=False)

@@ -33,7 +33,7 @@ from torch import nn
 from lightning_peft.checkpointing import CHECKPOINT_KEY, adapter_state_names, checkpoint_metadata, make_state_dict_adapter_only, verify_checkpoint
 from lightning_peft.core.injection import apply_peft, injected_method, parameter_summary
 from lightning_peft.distributed import broadcast_adapters
-from lightning_peft.fsdp_wrapping import use_adapter_wrap_policy
+from lightning_peft.fsdp_wrapping import configure_fsdp1
 from lightning_peft.methods.base import PEFTMethod, method_from_dict
 
 
@@ -105,7 +105,7 @@ class PEFTMixin:
             broadcast_adapters(self.peft_model)
             trainer = getattr(self, "_trainer", None)
             if trainer is not None:  # in a Trainer without PEFTCallback: FSDP1 has not wrapped yet
-                use_adapter_wrap_policy(trainer.strategy)
+                configure_fsdp1(trainer.strategy, self.peft_model)
             rank_zero_info(
                 f"lightning_peft: {type(self.peft_method).__name__} on {len(targets)} modules; {parameter_summary(self)}"  # type: ignore[arg-type]
             )

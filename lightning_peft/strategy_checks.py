@@ -61,3 +61,22 @@ def check_strategy(trainer: Any, model: nn.Module | None) -> None:
                 "variable ready only once'. PEFT needs no find_unused_parameters (DDP only tracks trainable parameters): "
                 "use strategy='ddp', or model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
             )
+
+
+def check_merged_export(trainer: Any, export_merged: bool) -> None:
+    """A merged export needs every base weight whole on the writing rank; sharded strategies hold slices.
+
+    Gathering the whole base to rank 0 at every export would cost what sharding saves (and FSDP1's full state
+    dict is a collective the other ranks would not join from inside rank 0's export), so it is refused at
+    ``setup``, with the way that works: export the adapter, then merge in one process.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    zero3 = isinstance(strategy, DeepSpeedStrategy) and isinstance(strategy.config, dict) and strategy.zero_stage_3
+    if export_merged and (isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or zero3):
+        raise ValueError(
+            f"export_merged=True under {type(strategy).__name__}{' (ZeRO-3)' if zero3 else ''}: the base weights are "
+            f"sharded across ranks. Export the adapter (export_merged=False) and merge it afterwards in one process: "
+            f"load_adapter(base, 'adapter_dir') then lightning_peft.export.merged.save_merged(model, 'merged_dir')"
+        )

@@ -121,7 +121,13 @@ class _TransformersTask(PEFTMixin, L.LightningModule):
         if trainer is not None:
             check_trainer_compatibility(trainer, self.quantization)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        model = load_quantized(self.model_name_or_path, self.quantization, auto_class, dtype=self.torch_dtype, device=device, **kwargs)
+        # Under FSDP1 only rank 0 reads and quantizes; FSDP fills the other ranks' empty models when it wraps.
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        rank0_only = trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+        model = load_quantized(
+            self.model_name_or_path, self.quantization, auto_class, dtype=self.torch_dtype, device=device, rank0_only=rank0_only, **kwargs
+        )
         return prepare_model_for_kbit_training(model)
 
     @property

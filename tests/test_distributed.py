@@ -5,6 +5,7 @@ FSDP2 does not do)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,23 @@ def test_unsupported_strategy_is_named():
     fake_trainer = type("FakeTrainer", (), {"strategy": HomeMadeStrategy()})()
     with pytest.raises(ValueError, match=r"does not support the HomeMadeStrategy strategy; use 'auto'/single device, 'ddp'"):
         check_strategy(fake_trainer, None)
+
+
+@pytest.mark.parametrize("strategy_name", ["model-parallel", "deepspeed-zero3"])
+def test_merged_export_under_a_sharding_strategy_is_refused_with_the_way_that_works(strategy_name):
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+    from lightning_peft.strategy_checks import check_merged_export
+
+    if strategy_name == "deepspeed-zero3":
+        pytest.importorskip("deepspeed")
+        strategy, shown = DeepSpeedStrategy(stage=3), "DeepSpeedStrategy (ZeRO-3)"
+    else:
+        strategy, shown = ModelParallelStrategy(), "ModelParallelStrategy"
+    fake_trainer = type("FakeTrainer", (), {"strategy": strategy})()
+    check_merged_export(fake_trainer, export_merged=False)  # adapters alone are fine
+    with pytest.raises(ValueError, match=rf"export_merged=True under {re.escape(shown)}: the base weights are sharded.*load_adapter"):
+        check_merged_export(fake_trainer, export_merged=True)
 
 
 def test_injecting_into_an_already_sharded_model_is_refused(tmp_path):

@@ -16,6 +16,8 @@ directly on a model, without processes.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_helpers import tiny_llama
+from lightning_helpers import save_tiny_llama, tiny_llama
 from lightning_peft import IA3, LoRA, PromptTuning
 from lightning_peft.core.injection import apply_peft
 from lightning_peft.fsdp_wrapping import AdapterWrapPolicy, natural_units, plan_wrap_units
@@ -32,12 +34,20 @@ from lightning_peft.fsdp_wrapping import AdapterWrapPolicy, natural_units, plan_
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp1_run.py"
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without Lightning's seed variables: an earlier test in the same pytest worker
+    may have called seed_everything, and a distributed strategy re-seeds from PL_GLOBAL_SEED in its setup while a
+    single-device run does not, so the runs would start from different adapters."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
+
+
 def run(out: Path, devices: int, *extra: str) -> dict:
     command = [sys.executable, str(SCRIPT), "--devices", str(devices), "--steps", "4", "--out", str(out), *extra]
-    done = subprocess.run(command, cwd=out.parent, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=out.parent, capture_output=True, text=True, timeout=600, env=clean_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(out, weights_only=False)
     result["log"] = done.stderr
+    result["path"] = out
     return result
 
 
@@ -55,6 +65,11 @@ def runs(tmp_path_factory) -> dict:
         "qlora": run(root / "qlora.pt", 2, "--qlora"),
         "qlora_bf16": run(root / "qlora_bf16.pt", 2, "--qlora", "--precision", "bf16-mixed"),
     }
+    # QLoRA streamed from a saved model in configure_model, by every rank or by rank 0 alone.
+    model_dir = save_tiny_llama(root / "tiny-llama")
+    results["streamed"] = run(root / "streamed.pt", 2, "--streamed-qlora", model_dir)
+    results["rank0_only"] = run(root / "rank0_only.pt", 2, "--streamed-qlora", model_dir, "--rank0-only")
+    results["model_dir"] = model_dir
     results["export"] = root / "export" / "adapter" / "adapter_model.safetensors"
     results["full_checkpoint"] = full / "epoch=0-step=2.ckpt"
     results["sharded_checkpoint"] = sharded / "epoch=0-step=2.ckpt"
@@ -67,6 +82,8 @@ def runs(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("name", ["full", "qlora_bf16"])
 def test_every_wrap_unit_holds_one_dtype_and_one_requires_grad(runs, name):
+    root = runs[name]["units"][0]
+    assert root["name"] == "" and root["numel"] == 0  # the root unit owns nothing (FSDP's root state-dict hook)
     units = [u for u in runs[name]["units"] if u["numel"]]
     assert units, "no FSDP unit was built"
     for unit in units:
@@ -165,11 +182,52 @@ def test_a_function_policy_is_refused_with_what_to_pass_instead():
 
 def test_exported_adapter_is_the_whole_trained_adapter(runs):
     """Each rank holds a slice of every adapter tensor (a view into its shard of a flat parameter); the
-    export gathers the adapter units, and only those, before rank 0 writes."""
+    export gathers the adapter units, and only those, before rank 0 writes. It loads onto the base with
+    its plain module names (no FSDP wrapper segments) and its base fingerprint."""
     from safetensors.torch import load_file
 
+    from lightning_peft import load_adapter
+
+    config = json.loads((runs["export"].parent / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    loaded = load_adapter(tiny_llama(0), runs["export"].parent)
+    trained = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    for key, value in runs["full"]["trainable"].items():
+        assert torch.equal(trained[key.removeprefix("model.")], value), key
     exported = load_file(runs["export"])
     trained = runs["full"]["trainable"]
     assert {key.removeprefix("base_model.model.").removesuffix(".weight") for key in exported} == {key.removeprefix("model.") for key in trained}
     for key, value in trained.items():
         assert torch.equal(exported["base_model.model." + key.removeprefix("model.") + ".weight"], value), key
+
+
+def test_a_module_owning_two_dtypes_is_refused_with_the_fix():
+    model = tiny_llama(0)
+    apply_peft(model, LoRA(r=4, target_modules=["q_proj"]))
+    model.model.layers[0].self_attn.k_proj.bias = nn.Parameter(torch.zeros(16, dtype=torch.bfloat16), requires_grad=False)
+    root = nn.Module()
+    root.model = model
+    with pytest.raises(ValueError, match=r"model.model.layers.0.self_attn.k_proj.*dtypes \['torch.bfloat16', 'torch.float32'\].*quant_storage"):
+        plan_wrap_units(root, natural_units(root))
+
+
+def test_frozen_parameters_on_the_root_are_refused_with_the_fix():
+    root = nn.Module()
+    root.model = tiny_llama(0)
+    root.scale = nn.Parameter(torch.ones(1), requires_grad=False)
+    with pytest.raises(ValueError, match=r"holds frozen parameters itself \(\['scale'\]\).*submodule"):
+        plan_wrap_units(root, natural_units(root))
+
+
+def test_rank0_only_loading_starts_other_ranks_empty_and_trains_the_same(runs):
+    """Answer.AI-style low-memory QLoRA: rank 0 streams the checkpoint into 4-bit, rank 1 builds the model with
+    no parameter memory at all (meta device, plus the 4-bit layers' quantization state), and FSDP1 fills it from
+    rank 0 at wrap time. Training is bitwise the run where every rank loads and quantizes the checkpoint."""
+    every_rank, rank0_only = runs["streamed"], runs["rank0_only"]
+    assert torch.load(f"{every_rank['path']}.rank1-bytes") > 0
+    assert torch.load(f"{rank0_only['path']}.rank1-bytes") == 0
+    assert torch.load(f"{rank0_only['path']}.rank0-bytes") == torch.load(f"{every_rank['path']}.rank0-bytes") > 0
+    assert rank0_only["losses"] == every_rank["losses"]
+    for key, value in every_rank["trainable"].items():
+        assert torch.equal(rank0_only["trainable"][key], value), key
+    assert max(v.abs().max().item() for k, v in rank0_only["trainable"].items() if "lora_B" in k) > 1e-3

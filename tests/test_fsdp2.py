@@ -12,6 +12,7 @@ re-running the command line.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,16 @@ import torch
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_run.py"
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without Lightning's seed variables: an earlier test in the same pytest worker
+    may have called seed_everything, and a distributed strategy re-seeds from PL_GLOBAL_SEED in its setup while a
+    single-device run does not, so the runs would start from different adapters."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
+
+
 def run(out: Path, devices: int, *extra: str) -> dict:
     command = [sys.executable, str(SCRIPT), "--devices", str(devices), "--steps", "4", "--out", str(out), *extra]
-    done = subprocess.run(command, cwd=out.parent, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=out.parent, capture_output=True, text=True, timeout=600, env=clean_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=False)
 

@@ -4,7 +4,7 @@ FSDP1 (``FullyShardedDataParallel``) inserts wrapper modules, so parameter names
 ``_fsdp_wrapped_module.`` segments that its state-dict hooks take out again, and with
 ``use_orig_params=True`` each parameter becomes a view of this rank's shard of a flat tensor (a 1-D slice,
 often empty). FSDP2 (``fully_shard``) keeps names and turns parameters into DTensors, whose local shard is
-all a rank holds. Anything that reads the frozen base (the fingerprint) must therefore be computed before
+all a rank holds; DeepSpeed ZeRO-3 leaves each parameter's ``data`` empty outside a gather. Anything that reads the frozen base (the fingerprint) must therefore be computed before
 sharding, and anything that matches names against a state dict must use the state-dict spelling.
 """
 
@@ -24,11 +24,14 @@ def state_dict_name(name: str) -> str:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP (FSDP1's wrapper or FSDP2's ``fully_shard``) has been applied inside ``model``."""
+    """Whether FSDP (FSDP1's wrapper or FSDP2's ``fully_shard``) has been applied inside ``model``, or DeepSpeed
+    ZeRO-3 has partitioned its parameters (each then carries a ``ds_id`` and an empty ``data``)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch < 2.6 exposes FSDP2 elsewhere; FSDP1 is still detected
         FSDPModule = ()  # noqa: N806
-    return any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in model.modules())
+    if any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in model.modules()):
+        return True
+    return any(hasattr(param, "ds_id") for param in model.parameters())

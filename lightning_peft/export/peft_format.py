@@ -33,6 +33,7 @@ from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
 from lightning_peft.core.injection import apply_peft, injected_method
 from lightning_peft.core.model_lookup import resolve_model
 from lightning_peft.core.targets import _matches, _name_matches, exact_names_pattern, find_targets
+from lightning_peft.core.sharding import state_dict_name
 from lightning_peft.export.atomic import atomic_directory, write_adapter_tensors
 from lightning_peft.export.native_format import is_native_config, load_native_adapter, save_native_adapter
 from lightning_peft.methods.base import PEFTMethod
@@ -64,7 +65,9 @@ def _task_type(model: nn.Module) -> str | None:
 def _target_modules_field(model: nn.Module, targets: list[str]) -> list[str] | str:
     """Leaf names when they select exactly ``targets`` (what vLLM and peft expect), else an exact regex."""
     leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    selected = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves and ".base_layer" not in n]
+    # In the state-dict spelling of ``targets``: an FSDP1 unit and the module it wraps are then one name.
+    names = {state_dict_name(n) for n, _ in model.named_modules()}
+    selected = [n for n in names if n.rsplit(".", 1)[-1] in leaves and ".base_layer" not in n]
     if sorted(selected) == sorted(targets):
         return leaves
     return exact_names_pattern(targets)
@@ -85,9 +88,10 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def modules_to_save_parameters(model: nn.Module, method: PEFTMethod) -> dict[str, nn.Parameter]:
     """The trained parameters of ``method.modules_to_save`` in ``model``, by name."""
+    named = ((state_dict_name(name), param) for name, param in model.named_parameters())  # as saved, without FSDP1's segments
     return {
         name: param
-        for name, param in model.named_parameters()
+        for name, param in named
         if param.requires_grad and any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in method.modules_to_save)
     }
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
@@ -209,6 +210,7 @@ def load_quantized(
     model_class: Any = None,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
+    rank0_only: bool = False,
     **config_kwargs: Any,
 ) -> nn.Module:
     """A transformers model loaded from a safetensors directory straight into k-bit, layer by layer.
@@ -221,13 +223,16 @@ def load_quantized(
             concrete model class.
         dtype: dtype of everything not quantized (embeddings, norms, head), as ``from_pretrained(dtype=)``.
         device: where the weights go; bitsandbytes quantizes there.
+        rank0_only: in a distributed run, only rank 0 reads and quantizes; the other ranks get the same model
+            with every parameter on the meta device and the 4-bit layers' quantization state, and FSDP1 fills
+            them from rank 0 when it wraps (see :mod:`.rank0_loading`). 4-bit only; 8-bit loads on every rank.
         config_kwargs: passed to ``AutoConfig.from_pretrained`` (e.g. ``num_labels=2``).
 
     Example::
 
         model = load_quantized("assets/smollm2-135m-instruct", Quantization(bits=4), dtype=torch.bfloat16)
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_source(model_name_or_path)
     if path is None:
@@ -238,6 +243,12 @@ def load_quantized(
     index = checkpoint_index(path)
     config = AutoConfig.from_pretrained(path, **config_kwargs)
     model = empty_model(config, model_class or AutoModelForCausalLM, dtype)
+    sharing = rank0_only and quantization.bits == 4 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if sharing and dist.get_rank() != 0:
+        from lightning_peft.quantization.rank0_loading import empty_quantized_model, share_from_rank0
+
+        model = empty_quantized_model(model, share_from_rank0(None), quantization, torch.device(device))
+        return _named_and_ready(model, config, model_name_or_path, path)
     model_names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
     mapping = _checkpoint_name_map(model_names, getattr(model, "base_model_prefix", ""), index)
     if not mapping:
@@ -254,6 +265,16 @@ def load_quantized(
         rank_zero_warn(f"{len(report.unexpected)} tensors of {path} have no place in {type(model).__name__} and were ignored: {report.unexpected[:5]}")
     # The source is the directory itself: a merged export re-reads the original weights from it.
     quantization_record(model).source = str(path.absolute())
+    if sharing:
+        from lightning_peft.quantization.rank0_loading import share_from_rank0
+
+        share_from_rank0(model)
+    return _named_and_ready(model, config, model_name_or_path, path)
+
+
+def _named_and_ready(model: nn.Module, config: Any, model_name_or_path: str | os.PathLike, path: Any) -> nn.Module:
+    from transformers import GenerationConfig
+
     config._name_or_path = str(model_name_or_path)
     if (path / "generation_config.json").exists() and getattr(model, "can_generate", lambda: False)():
         model.generation_config = GenerationConfig.from_pretrained(path)

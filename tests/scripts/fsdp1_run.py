@@ -1,8 +1,8 @@
 """One FSDP1 (Lightning ``FSDPStrategy``) or single-process training run on CPU, for tests/test_fsdp1.py.
 
 Lightning allows FSDP1 on GPUs only and torch's FSDP1 needs ``device_id=cpu`` to run on CPU processes,
-so the run uses :class:`CPUFSDPStrategy`, and full state dicts are gathered without offloading to the host
-(they are on the host already). Nothing else changes: the auto-wrap policy, the checkpoint save/load paths
+so the run uses :class:`CPUFSDPStrategy`, full state dicts are gathered without offloading to the host
+(they are on the host already), and ``sync_module_states`` may broadcast host tensors (gloo can). Nothing else changes: the auto-wrap policy, the checkpoint save/load paths
 and the optimizer-state handling are Lightning's. Launched as its
 own script because the strategy starts its other rank by re-running the command line. Writes the trainable
 tensors, the per-step losses and a description of the wrap units to ``--out``.
@@ -19,13 +19,15 @@ from pathlib import Path
 import lightning.pytorch as L
 import lightning.pytorch.strategies.fsdp as lightning_fsdp
 import torch
+import torch.distributed.fsdp._init_utils as fsdp_init_utils
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_helpers import LitCausalLM, token_batches  # noqa: E402
+from lightning_helpers import LitCausalLM, LitPEFTCausalLM, token_batches  # noqa: E402
 from lightning_peft import LoRA, PEFTCallback, Quantization  # noqa: E402
+from lightning_peft.quantization import load_quantized, prepare_model_for_kbit_training  # noqa: E402
 
 GLOBAL_BATCH = 4
 STEPS_PER_EPOCH = 2  # checkpoints at epoch ends, where a resumed run sees exactly the data it would have
@@ -63,10 +65,33 @@ def _full_state_dict_in_place(module: torch.nn.Module, world_size: int, rank0_on
 
 
 lightning_fsdp._get_full_state_dict_context = _full_state_dict_in_place
+# FSDP1 refuses sync_module_states for host tensors because NCCL cannot broadcast host memory; gloo can.
+fsdp_init_utils._check_module_states_for_sync_module_states = lambda module_states: None
 
 
 class ShardedLM(LitCausalLM):
     """Each rank reads its own rows of the global batch."""
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        rows = token_batches(n_batches=STEPS_PER_EPOCH, batch_size=GLOBAL_BATCH)
+        return DataLoader(rows[rank::world], batch_size=GLOBAL_BATCH // world, shuffle=False)
+
+
+class StreamedQLoRALM(LitPEFTCausalLM):
+    """QLoRA with the base streamed into 4-bit in ``configure_base_model`` (PEFTMixin), on rank 0 only when
+    ``rank0_only``; records how many bytes of parameters this rank held right after loading."""
+
+    def __init__(self, model_dir: str, rank0_only: bool) -> None:
+        super().__init__(lora_args=dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+        self.model_dir, self.rank0_only = model_dir, rank0_only
+        self.bytes_after_load = None
+
+    def configure_base_model(self) -> torch.nn.Module:
+        quantization = Quantization(bits=4, compute_dtype="float32", quant_storage="float32")
+        model = load_quantized(self.model_dir, quantization, dtype=torch.float32, rank0_only=self.rank0_only)
+        self.bytes_after_load = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+        return prepare_model_for_kbit_training(model)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -96,6 +121,8 @@ def main() -> None:
     parser.add_argument("--ckpt-dir")
     parser.add_argument("--resume")
     parser.add_argument("--export-dir")
+    parser.add_argument("--streamed-qlora", help="a saved model directory: load it with load_quantized in configure_model")
+    parser.add_argument("--rank0-only", action="store_true", help="with --streamed-qlora: only rank 0 reads and quantizes")
     parser.add_argument("--shape", choices=sorted(MODEL_SHAPES), default="small")
     parser.add_argument("--qlora", action="store_true")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
@@ -111,16 +138,22 @@ def main() -> None:
         # so FSDP's casts leave them untouched.
         dtype = "bfloat16" if args.precision == "bf16-mixed" else "float32"
         quantization = Quantization(bits=4, compute_dtype=dtype, quant_storage=dtype)
-    method = LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    callbacks.append(PEFTCallback(method, quantization=quantization, export_dir=args.export_dir))
+    if not args.streamed_qlora:
+        method = LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+        callbacks.append(PEFTCallback(method, quantization=quantization, export_dir=args.export_dir))
     strategy = CPUFSDPStrategy(state_dict_type=args.state_dict) if args.devices > 1 else "auto"
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, precision=args.precision, max_steps=args.steps, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(args.ckpt_dir),
         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=callbacks,
     )  # fmt: skip
-    module = ShardedLM(seed=0, **MODEL_SHAPES[args.shape])
+    if args.streamed_qlora:
+        module = StreamedQLoRALM(args.streamed_qlora, rank0_only=args.rank0_only)
+    else:
+        module = ShardedLM(seed=0, **MODEL_SHAPES[args.shape])
     trainer.fit(module, ckpt_path=args.resume)
+    if args.streamed_qlora:  # every rank says what it held after loading
+        torch.save(module.bytes_after_load, f"{args.out}.rank{trainer.global_rank}-bytes")
 
     units = wrap_units(trainer.strategy.model) if args.devices > 1 else []
     if args.devices > 1:
