@@ -44,6 +44,8 @@ def runs(tmp_path_factory) -> dict:
     results = {
         "single": run(root / "single.pt", 1),
         "fsdp2": run(root / "fsdp2.pt", 2),
+        "qlora_single": run(root / "qlora_single.pt", 1, "--qlora"),
+        "qlora": run(root / "qlora.pt", 2, "--qlora"),
         "large": run(root / "large.pt", 2, "--shape", "large", "--ckpt-dir", str(checkpoints)),
     }
     first = checkpoints / "epoch=0-step=2.ckpt"
@@ -53,8 +55,11 @@ def runs(tmp_path_factory) -> dict:
     return results
 
 
-def test_fsdp2_trains_the_same_adapters_as_one_process(runs):
-    single, fsdp2 = runs["single"]["trainable"], runs["fsdp2"]["trainable"]
+@pytest.mark.parametrize("single_run, sharded_run", [("single", "fsdp2"), ("qlora_single", "qlora")], ids=["lora", "qlora-nf4"])
+def test_fsdp2_trains_the_same_adapters_as_one_process(runs, single_run, sharded_run):
+    """QLoRA too: fully_shard shards the 4-bit codes (stored as float32, FSDP's parameter dtype here) like any
+    parameter; bitsandbytes reads the quantization state from the layer when the gathered codes arrive."""
+    single, fsdp2 = runs[single_run]["trainable"], runs[sharded_run]["trainable"]
     assert single.keys() == fsdp2.keys() and len(single) == 8  # q and v LoRA A, B in 2 layers
     for key, value in single.items():
         torch.testing.assert_close(fsdp2[key], value, rtol=0, atol=1e-5, msg=key)

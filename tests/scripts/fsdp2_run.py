@@ -4,7 +4,7 @@ Launched as its own script because ModelParallelStrategy starts its other ranks 
 command line (inside pytest that would re-run pytest). Writes the trainable tensors at the end of
 training and the per-step losses to ``--out``.
 
-    python tests/scripts/fsdp2_run.py --devices 2 --steps 3 --out run.pt [--ckpt-dir d] [--resume ckpt]
+    python tests/scripts/fsdp2_run.py --devices 2 --steps 3 --out run.pt [--ckpt-dir d] [--resume ckpt] [--qlora]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_helpers import LitPEFTCausalLM, tiny_llama, token_batches  # noqa: E402
+from lightning_peft import LoRA, PEFTCallback, Quantization  # noqa: E402
 
 
 GLOBAL_BATCH = 4
@@ -74,12 +75,17 @@ def main() -> None:
     parser.add_argument("--ckpt-dir")
     parser.add_argument("--resume")
     parser.add_argument("--shape", choices=sorted(MODEL_SHAPES), default="small")
+    parser.add_argument("--qlora", action="store_true", help="quantize the base to NF4 (codes stored as float32) before injection")
     args = parser.parse_args()
 
     torch.manual_seed(123)
     callbacks = []
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=STEPS_PER_EPOCH, save_top_k=-1))
+    lora_args = dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    if args.qlora:
+        quantization = Quantization(bits=4, compute_dtype="float32", quant_storage="float32")
+        callbacks.append(PEFTCallback(LoRA(**lora_args), quantization=quantization))
     strategy = (
         ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
         if args.devices > 1
@@ -90,7 +96,7 @@ def main() -> None:
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(args.ckpt_dir),
         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=callbacks,
     )  # fmt: skip
-    module = ShardedFSDP2LM(steps=args.steps, shape=args.shape, lora_args=dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    module = ShardedFSDP2LM(steps=args.steps, shape=args.shape, lora_args=lora_args)
     trainer.fit(module, ckpt_path=args.resume)
     state = {}
     for name, param in module.named_parameters():
