@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_peft.checkpointing import attach_checkpoint_hooks, make_state_dict_adapter_only
 from lightning_peft.core.injection import apply_peft, parameter_summary
 from lightning_peft.core.model_lookup import find_model
-from lightning_peft.distributed import broadcast_adapters, full_adapter_parameters
+from lightning_peft.distributed import adopt_rank0_fingerprint, broadcast_adapters, full_adapter_parameters
 from lightning_peft.data_init import initialise_from_trainer, needs_data_init
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.mixin import PEFTMixin
@@ -118,6 +118,7 @@ class PEFTCallback(Callback):
                 check_merged_export_possible(model)
         targets = apply_peft(model, self.method)
         broadcast_adapters(model)  # every rank starts from rank 0's adapter (FSDP2 does not broadcast)
+        adopt_rank0_fingerprint(model)
         make_state_dict_adapter_only(pl_module)
         pl_module.strict_loading = False  # frozen keys are absent by design; verify_checkpoint checks the rest
         # Metadata on save and verification on load go through the module's own hooks, which run for

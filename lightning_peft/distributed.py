@@ -122,3 +122,20 @@ def _fsdp1_units_with_trainable_parameters(model: nn.Module) -> list[nn.Module]:
         if handle is not None and handle.flat_param.requires_grad:
             units.append(module)
     return units
+
+
+def adopt_rank0_fingerprint(model: nn.Module) -> None:
+    """Every rank keeps rank 0's base fingerprint (one small object broadcast, right after injection).
+
+    A sharded model's fingerprint is the one taken at injection (core/fingerprint.py), and ranks can differ
+    there: after a rank-0-only load the others hold meta tensors, and with ``sync_module_states`` the others'
+    weights are random until FSDP copies rank 0's. A rank that then refused a checkpoint its peers accept would
+    leave them waiting in the next collective; rank 0's weights are the ones every rank trains.
+    """
+    from lightning_peft.core.fingerprint import FINGERPRINT_ATTRIBUTE
+
+    if distributed_world_size() == 1 or getattr(model, FINGERPRINT_ATTRIBUTE, None) is None:
+        return
+    payload = [getattr(model, FINGERPRINT_ATTRIBUTE)]
+    dist.broadcast_object_list(payload, src=0)
+    object.__setattr__(model, FINGERPRINT_ATTRIBUTE, payload[0])

@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_peft.checkpointing import CHECKPOINT_KEY, adapter_state_names, checkpoint_metadata, make_state_dict_adapter_only, verify_checkpoint
 from lightning_peft.core.injection import apply_peft, injected_method, parameter_summary
-from lightning_peft.distributed import broadcast_adapters
+from lightning_peft.distributed import adopt_rank0_fingerprint, broadcast_adapters
 from lightning_peft.fsdp_wrapping import configure_fsdp1
 from lightning_peft.methods.base import PEFTMethod, method_from_dict
 
@@ -103,6 +103,7 @@ class PEFTMixin:
         if first_time:
             # Before the user's parallelize(): FSDP2 shards whatever each rank holds and never broadcasts.
             broadcast_adapters(self.peft_model)
+            adopt_rank0_fingerprint(self.peft_model)
             trainer = getattr(self, "_trainer", None)
             if trainer is not None:  # in a Trainer without PEFTCallback: FSDP1 has not wrapped yet
                 configure_fsdp1(trainer.strategy, self.peft_model)

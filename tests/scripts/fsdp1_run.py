@@ -152,8 +152,11 @@ def main() -> None:
     else:
         module = ShardedLM(seed=0, **MODEL_SHAPES[args.shape])
     trainer.fit(module, ckpt_path=args.resume)
-    if args.streamed_qlora:  # every rank says what it held after loading
-        torch.save(module.bytes_after_load, f"{args.out}.rank{trainer.global_rank}-bytes")
+    if args.streamed_qlora:  # every rank says what it held after loading, and the base fingerprint it keeps
+        from lightning_peft.core.fingerprint import FINGERPRINT_ATTRIBUTE
+
+        fingerprint = getattr(module.model, FINGERPRINT_ATTRIBUTE)
+        torch.save({"bytes": module.bytes_after_load, "fingerprint": fingerprint}, f"{args.out}.rank{trainer.global_rank}")
 
     units = wrap_units(trainer.strategy.model) if args.devices > 1 else []
     if args.devices > 1:
