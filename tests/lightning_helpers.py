@@ -6,6 +6,7 @@ second on CPU and two runs with the same seed are bitwise identical.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as L
@@ -204,3 +205,10 @@ def logits(model: nn.Module, batch: dict[str, torch.Tensor] | None = None) -> to
 
 def trainable_names(module: nn.Module) -> set[str]:
     return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without Lightning's seed variables: an earlier test in the same pytest worker
+    may have called seed_everything, and a distributed strategy re-seeds from PL_GLOBAL_SEED in its setup while a
+    single-device run does not, so the runs would start from different adapters."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("PL_")}

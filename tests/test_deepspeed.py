@@ -11,7 +11,6 @@ Each run is a separate script (tests/scripts/deepspeed_run.py, which explains th
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +21,10 @@ from safetensors.torch import load_file
 
 from lightning_peft.export.atomic import write_adapter_tensors
 
+from lightning_helpers import clean_environment
+
 SCRIPT = Path(__file__).parent / "scripts" / "deepspeed_run.py"
 ADAPTER_FILE = Path("adapter") / "adapter_model.safetensors"
-
-
-def clean_environment() -> dict[str, str]:
-    """This process's environment without Lightning's seed variables: an earlier test in the same pytest worker
-    may have called seed_everything, and a distributed strategy re-seeds from PL_GLOBAL_SEED in its setup while a
-    single-device run does not, so the runs would start from different adapters."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
 
 
 def run(root: Path, name: str, devices: int, *extra: str) -> dict:

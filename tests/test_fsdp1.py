@@ -17,7 +17,6 @@ directly on a model, without processes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,19 +25,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_helpers import save_tiny_llama, tiny_llama
+from lightning_helpers import clean_environment, save_tiny_llama, tiny_llama
 from lightning_peft import IA3, LoRA, PromptTuning
 from lightning_peft.core.injection import apply_peft
 from lightning_peft.fsdp_wrapping import AdapterWrapPolicy, natural_units, plan_wrap_units
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp1_run.py"
-
-
-def clean_environment() -> dict[str, str]:
-    """This process's environment without Lightning's seed variables: an earlier test in the same pytest worker
-    may have called seed_everything, and a distributed strategy re-seeds from PL_GLOBAL_SEED in its setup while a
-    single-device run does not, so the runs would start from different adapters."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
 
 
 def run(out: Path, devices: int, *extra: str) -> dict:

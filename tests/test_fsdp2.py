@@ -12,7 +12,6 @@ re-running the command line.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_helpers import clean_environment
+
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_run.py"
-
-
-def clean_environment() -> dict[str, str]:
-    """This process's environment without Lightning's seed variables: an earlier test in the same pytest worker
-    may have called seed_everything, and a distributed strategy re-seeds from PL_GLOBAL_SEED in its setup while a
-    single-device run does not, so the runs would start from different adapters."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
 
 
 def run(out: Path, devices: int, *extra: str) -> dict:
