@@ -24,10 +24,12 @@ It is LightningCLI with these changes:
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, Optional
 
 import lightning.pytorch as L
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -38,6 +40,7 @@ import lightning_peft.methods  # noqa: F401
 import lightning_peft.tasks  # noqa: F401
 from lightning_peft.callback import PEFTCallback
 from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.progress_bar import step_progress_bar
 
 PEFT_KEY = "peft"
 
@@ -87,19 +90,21 @@ class PEFTLightningCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         peft = self._get(self.config_init, PEFT_KEY, default=None)
         method = getattr(peft, "method", None) if peft is not None else None
-        if method is None:
-            return super().instantiate_trainer(**kwargs)
-        options = {k: v for k, v in dict(peft).items() if k != "method"}
-        callback = PEFTCallback(method=method, **options)
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         configured = trainer_config.get("callbacks") or []
-        if any(isinstance(cb, PEFTCallback) for cb in (configured if isinstance(configured, list) else [configured])):
-            raise ValueError(
-                "a PEFTCallback is configured both under `peft:` and in `trainer.callbacks`; keep only the `peft:` "
-                "key (or set `peft.method: null` and configure it in trainer.callbacks)"
-            )
-        return self._instantiate_trainer(trainer_config, [*extra, callback])
+        configured = configured if isinstance(configured, list) else [configured]
+        if trainer_config.get("enable_progress_bar", True) is not False and not any(isinstance(cb, ProgressBar) for cb in [*configured, *extra]):
+            extra.append(step_progress_bar())  # "Step 7/20" rather than Lightning's "Epoch 0/-2" in max_steps runs
+        if method is not None:
+            if any(isinstance(cb, PEFTCallback) for cb in configured):
+                raise ValueError(
+                    "a PEFTCallback is configured both under `peft:` and in `trainer.callbacks`; keep only the `peft:` "
+                    "key (or set `peft.method: null` and configure it in trainer.callbacks)"
+                )
+            options = {k: v for k, v in dict(peft).items() if k != "method"}
+            extra.append(PEFTCallback(method=method, **options))
+        return self._instantiate_trainer(trainer_config, extra)
 
     # -- fit: held-out metrics before and after ----------------------------------------------------
     def _validate(self) -> dict[str, float]:
@@ -132,8 +137,24 @@ def _format(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
+class _DropAdvertisingTips(logging.Filter):
+    """Lightning logs "💡 Tip: ... try installing litlogger/litmodels" on every run; in a terminal full of
+    training output those lines push out what matters. The command line drops them (a library user's own
+    Trainer keeps Lightning's logging as it is)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning_tips() -> None:
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvertisingTips) for f in logger.filters):
+        logger.addFilter(_DropAdvertisingTips())
+
+
 def run_cli(args: Optional[list[str]] = None) -> PEFTLightningCLI:
     """Run the training command line (``fit``, ``validate``, ...) on ``args`` and return the CLI object."""
+    quiet_lightning_tips()
     return PEFTLightningCLI(args=args)
 
 

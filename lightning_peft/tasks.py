@@ -38,6 +38,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_peft.core.transformers_compat import enable_checkpointing
 from lightning_peft.mixin import PEFTMixin
 from lightning_peft.optim import ParamGroups, apply_lr_scales, build_param_groups, check_scheduler_keeps_scales
 from lightning_peft.quantization.config import Quantization
@@ -240,7 +241,7 @@ class CausalLMTask(_TransformersTask):
             kwargs["gguf_file"] = self.gguf_file
         model = self._from_pretrained(AutoModelForCausalLM, **kwargs)
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, use_reentrant=False)
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without this the
         # model's own dropout would stay off during training.
         return model.train()

@@ -114,8 +114,8 @@ def test_phm_dim_that_does_not_divide_the_hidden_size_names_both_and_the_divisor
         apply_peft(tiny_llama(), Compacter(phm_dim=5, reduction_factor=4))
 
 
-def test_phm_dim_that_does_not_divide_the_bottleneck_is_refused():
-    with pytest.raises(ValueError, match=r"phm_dim=8 does not divide the bottleneck width 4 \(= 32 // reduction_factor=8\).*e\.g\. 4\)"):
+def test_phm_dim_larger_than_the_bottleneck_is_refused():
+    with pytest.raises(ValueError, match=r"phm_dim=8 is larger than the bottleneck width 4 \(= 32 // reduction_factor=8\).*reduction_factor of at most 4 or a phm_dim of at most 4"):
         apply_peft(tiny_llama(), Compacter(phm_dim=8, reduction_factor=8))
 
 
@@ -128,3 +128,27 @@ def test_zero_width_bottleneck_is_refused():
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Compacter(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "build, width, bottleneck",
+    [
+        # SmolLM2-135M's width (9 heads of 64): 576 // 32 = 18, not a multiple of phm_dim=4, rounds down to 16.
+        (lambda: tiny_llama(hidden=576, num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3), 576, 16),
+        # all-MiniLM-L6-v2's width: 384 // 32 = 12 already is one.
+        (lambda: tiny_bert(hidden=384), 384, 12),
+    ],
+    ids=["smollm2_width", "minilm_width"],
+)
+def test_defaults_work_on_the_configs_model_widths(build, width, bottleneck, caplog):
+    model = build()
+    before = logits(model)
+    with caplog.at_level("INFO"):
+        apply_peft(model, Compacter())
+    layers = _phm_layers(model)
+    assert layers and {layer.out_features for layer in layers if layer.in_features == width} == {bottleneck}
+    assert {layer.in_features for layer in layers if layer.out_features == width} == {bottleneck}
+    # The default init leaves the model unchanged, whatever width was chosen.
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-6)
+    rounded = [r.getMessage() for r in caplog.records if "rounded down" in r.getMessage()]
+    assert rounded == ([f"lightning_peft: Compacter bottleneck 16 after the 576-wide layers (576 // reduction_factor=32 = 18, rounded down to a multiple of phm_dim=4)"] if width == 576 else [])

@@ -59,11 +59,15 @@ def dora_pair(case: str) -> tuple[nn.Module, nn.Module]:
     return ours, theirs
 
 
-def assert_within(actual: torch.Tensor, reference: torch.Tensor, tol: float = 1e-6, msg: str = "") -> None:
-    """Largest difference within ``tol`` of the reference's largest magnitude (float32 rounding of
-    gradients of size ~5 is ~5e-7 in absolute terms, so an absolute 1e-6 would test the rounding)."""
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest magnitude (float32 rounding of gradients of
+    size ~5 is ~5e-7 in absolute terms, so an absolute 1e-6 would test the rounding)."""
     scale = reference.abs().max().clamp_min(1.0)
-    error = (actual.double() - reference.double()).abs().max() / scale
+    return float((actual.double() - reference.double()).abs().max() / scale)
+
+
+def assert_within(actual: torch.Tensor, reference: torch.Tensor, tol: float = 1e-6, msg: str = "") -> None:
+    error = relative_error(actual, reference)
     assert error <= tol, f"{msg}: relative error {error:.2e} > {tol:g}"
 
 
@@ -74,18 +78,26 @@ def peft_magnitude(peft_model: nn.Module, name: str) -> torch.Tensor:
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_and_gradients_match_peft(case, train):
-    """Ours in float32 against peft's math in float64 (peft's float32 run is itself up to ~1.5e-6 off
-    the float64 answer on Conv1D gradients, so comparing two float32 roundings would test the rounding)."""
-    ours, theirs = dora_pair(case)
-    theirs = copy.deepcopy(theirs).double()
-    ours.train(train)
-    theirs.train(train)
+    """Ours in float32 against peft's math in float64, within 1e-6 relative or, where float32 rounding alone
+    is larger than that, within 1.25x of peft's own float32 run's distance from the same float64 answer.
+
+    Comparing two float32 roundings would test the rounding; a fixed 1e-6 does too on some CPUs: on one with
+    AVX512-BF16, peft's float32 run is 1.04e-6 off the float64 answer on a GPT-2 Conv1D B gradient, ours 1.03e-6.
+    """
+    ours, theirs32 = dora_pair(case)
+    theirs = copy.deepcopy(theirs32).double()
+    models = (ours, theirs, theirs32)
     ids = input_ids()
     outs = []
-    for model in (ours, theirs):
-        torch.manual_seed(1234)  # the same dropout masks in both
+    for model in models:
+        model.train(train)
+        torch.manual_seed(1234)  # the same dropout masks in all three
         outs.append(model(input_ids=ids).logits)
-    assert_within(outs[0], outs[1], msg="logits")
+
+    def check(actual: torch.Tensor, reference: torch.Tensor, peft32: torch.Tensor, msg: str) -> None:
+        assert_within(actual, reference, tol=max(1e-6, 1.25 * relative_error(peft32, reference)), msg=msg)
+
+    check(outs[0], outs[1], outs[2], msg="logits")
     with torch.no_grad():
         base = logits(CASES[case][0](0), ids)
     assert (outs[0] - base).abs().max() > 1e-2  # the adapters really change the output
@@ -95,11 +107,12 @@ def test_forward_and_gradients_match_peft(case, train):
         (out * weights.to(out.dtype)).sum().backward()
     for name, layer in adapter_layers(ours):
         ref_a, ref_b = peft_adapter_params(theirs, name)
-        ref_m = peft_magnitude(theirs, name)
+        peft_a, peft_b = peft_adapter_params(theirs32, name)
+        ref_m, peft_m = peft_magnitude(theirs, name), peft_magnitude(theirs32, name)
         assert layer.lora_magnitude_vector.grad.abs().sum() > 0, name
-        assert_within(layer.lora_A.grad, ref_a.grad, msg=f"A grad of {name}")
-        assert_within(layer.lora_B.grad, ref_b.grad, msg=f"B grad of {name}")
-        assert_within(layer.lora_magnitude_vector.grad, ref_m.grad, msg=f"m grad of {name}")
+        check(layer.lora_A.grad, ref_a.grad, peft_a.grad, msg=f"A grad of {name}")
+        check(layer.lora_B.grad, ref_b.grad, peft_b.grad, msg=f"B grad of {name}")
+        check(layer.lora_magnitude_vector.grad, ref_m.grad, peft_m.grad, msg=f"m grad of {name}")
 
 
 @pytest.mark.parametrize("case", ["llama-linear", "llama-embedding", "gpt2-conv1d"])

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_peft.core.targets import TargetSpec
@@ -47,9 +48,10 @@ class Compacter(Adapter):
     """Compacter config: ``PEFTCallback(Compacter(phm_dim=4, phm_rank=1, reduction_factor=32))``.
 
     Args:
-        phm_dim: ``n``, the number of Kronecker products; must divide the hidden size and the bottleneck.
+        phm_dim: ``n``, the number of Kronecker products; must divide the hidden size. The bottleneck is
+            rounded down to a multiple of it (logged when that changes the width).
         phm_rank: ``r``, the rank of each ``B_i`` (1 in the paper).
-        reduction_factor: the bottleneck width is ``hidden // reduction_factor``.
+        reduction_factor: the bottleneck width is ``hidden // reduction_factor``, rounded down to a multiple of ``phm_dim``.
         style: ``"houlsby"`` (Compacter) or ``"pfeiffer"`` (Compacter++).
         activation, init, target_modules, exclude_modules, modules_to_save: as for :class:`~lightning_peft.Adapter`.
 
@@ -79,9 +81,23 @@ class Compacter(Adapter):
                 raise ValueError(f"{label} must be a positive integer, got {label}={value!r}")
         self.phm_dim = phm_dim
         self.phm_rank = phm_rank
+        self._reported_widths: set[int] = set()
+
+    def bottleneck_width(self, width: int, where: str) -> int:
+        """``width // reduction_factor`` rounded down to a multiple of ``phm_dim``: a PHM layer splits its
+        output into ``phm_dim`` equal parts, and the default reduction factor need not leave a multiple
+        (SmolLM2's 576 // 32 = 18 becomes 16; MiniLM's 384 // 32 = 12 stays)."""
+        plain = super().bottleneck_width(width, where)
+        rounded = plain - plain % self.phm_dim
+        if rounded == 0:
+            raise ValueError(
+                f"phm_dim={self.phm_dim} is larger than the bottleneck width {plain} (= {width} // reduction_factor="
+                f"{self.reduction_factor!r}) at {where!r}, and a PHM layer needs a multiple of phm_dim; use a "
+                f"reduction_factor of at most {width // self.phm_dim} or a phm_dim of at most {plain}"
+            )
+        return rounded
 
     def check_fits(self, name: str, width: int) -> None:
-        bottleneck = self.bottleneck_width(width, name)
         n = self.phm_dim
         if width % n:
             divisors = [k for k in range(2, min(width, 16) + 1) if width % k == 0]
@@ -89,11 +105,13 @@ class Compacter(Adapter):
                 f"phm_dim={n} does not divide the hidden size {width} at {name!r}: a PHM layer splits its input and "
                 f"output into {n} equal parts. Use a phm_dim that divides {width}, e.g. {', '.join(map(str, divisors)) or 1}"
             )
-        if bottleneck % n:
-            raise ValueError(
-                f"phm_dim={n} does not divide the bottleneck width {bottleneck} (= {width} // reduction_factor="
-                f"{self.reduction_factor!r}) at {name!r}; choose a reduction_factor that leaves a multiple of {n} "
-                f"(e.g. {width // (n * max(1, bottleneck // n))}) or a phm_dim that divides {bottleneck}"
+        bottleneck = self.bottleneck_width(width, name)
+        plain = int(width // self.reduction_factor)
+        if bottleneck != plain and width not in self._reported_widths:
+            self._reported_widths.add(width)  # once per width, not once per layer
+            rank_zero_info(
+                f"lightning_peft: Compacter bottleneck {bottleneck} after the {width}-wide layers ({width} // "
+                f"reduction_factor={self.reduction_factor!r} = {plain}, rounded down to a multiple of phm_dim={n})"
             )
 
     def projection_builder(self) -> ProjectionBuilder:

@@ -29,22 +29,16 @@ words" Li & Liang found to train much better than random values (section 7.2). `
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
 from lightning_peft.core.model_geometry import ModelGeometry, model_geometry
+from lightning_peft.core.transformers_compat import cache_argument, cache_layer_states, call_cache, new_dynamic_cache, output_cache, set_call_cache
 from lightning_peft.methods.virtual_tokens import VirtualTokenMethod, VirtualTokens, check_choice, check_positive
 
 PrefixInit = Literal["random", "vocab"]
-
-
-def _takes_cache(model: nn.Module) -> bool:
-    """Whether ``model`` (or the backbone its head passes its keyword arguments to) accepts a cache."""
-    backbone = getattr(model, "base_model", model)
-    return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
 
 
 class PrefixStates(VirtualTokens):
@@ -54,20 +48,18 @@ class PrefixStates(VirtualTokens):
     adds_positions = False  # the prefix lives in the cache; the outputs keep the input's length
 
     def start_sequence(self, model: nn.Module, call: dict[str, Any], batch: int, length: int) -> None:
-        from transformers import DynamicCache
-
         g = self.geometry
         reference = call.get("inputs_embeds") if call.get("inputs_embeds") is not None else model.get_input_embeddings().weight
         states = self.values().to(device=reference.device, dtype=reference.dtype)
         states = states.view(self.num_virtual_tokens, 2 * g.num_layers, g.num_kv_heads, g.head_dim)
         states = states.permute(1, 2, 0, 3)  # (2 * layers, kv_heads, P, head_dim)
-        cache = call.get("past_key_values")
+        cache = call_cache(call)
         if cache is None:
-            cache = DynamicCache(config=model.config)
+            cache = new_dynamic_cache(model.config)
         for layer in range(g.num_layers):
             keys, values = states[2 * layer], states[2 * layer + 1]
             cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
-        call["past_key_values"] = cache
+        set_call_cache(model, call, cache)
 
 
 class PrefixTuning(VirtualTokenMethod):
@@ -108,11 +100,11 @@ class PrefixTuning(VirtualTokenMethod):
         self.init = init
 
     def build(self, model: nn.Module, geometry: ModelGeometry) -> VirtualTokens:
-        if not _takes_cache(model) or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        if cache_argument(model) is None or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ValueError(
                 f"prefix tuning feeds its prefixes in as the key/value cache, and {type(model).__name__} takes no "
-                f"past_key_values (or is an encoder-decoder, which this implementation does not cover); use PromptTuning "
-                f"or PTuning, which prepend input embeddings instead"
+                f"key/value cache argument (or is an encoder-decoder, which this implementation does not cover); use "
+                f"PromptTuning or PTuning, which prepend input embeddings instead"
             )
         device = model.get_input_embeddings().weight.device
         width = geometry.num_layers * 2 * geometry.kv_dim
@@ -128,8 +120,8 @@ class PrefixTuning(VirtualTokenMethod):
         vocab = model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (1, self.num_virtual_tokens), device=model.get_input_embeddings().weight.device)
         with torch.no_grad():
-            cache = model(input_ids=ids, use_cache=True).past_key_values
-        per_layer = [tensor for layer in range(geometry.num_layers) for tensor in (cache.layers[layer].keys, cache.layers[layer].values)]
+            cache = output_cache(model(input_ids=ids, use_cache=True))
+        per_layer = [tensor for layer in range(geometry.num_layers) for tensor in cache_layer_states(cache, layer)]
         states = torch.cat(per_layer)  # (2 * layers, kv_heads, P, head_dim)
         return states.permute(2, 0, 1, 3).reshape(self.num_virtual_tokens, -1).float()
 

@@ -11,7 +11,7 @@ user's ordinary ``model(input_ids=..., attention_mask=..., labels=...)`` and ``m
 argument            what the hooks do on a call that starts a sequence (no cache, or an empty one)
 ==================  ========================================================================
 attention_mask      ``P`` ones in front: every real token attends to the virtual ones
-position_ids        shifted by ``P``: real tokens sit at positions ``P..P+T-1`` (if given)
+position_ids        shifted by ``P``: real tokens sit at positions ``P..P+T-1`` (if given; ``cache_position`` too)
 inputs              prompt: ``[prompt; embed(input_ids)]``; prefix: the cache holds the prefix
 labels              prompt: ``P`` ignored labels in front, and the first real token's label ignored
 token_type_ids      prompt: ``P`` zeros in front
@@ -38,6 +38,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterModule
 from lightning_peft.core.model_geometry import ModelGeometry, model_geometry
+from lightning_peft.core.transformers_compat import CACHE_POSITION_ARGUMENTS, cache_length, call_cache
 from lightning_peft.methods.base import PEFTMethod
 
 #: The attribute of the model that holds the virtual tokens (HF peft's name for the same module).
@@ -64,18 +65,6 @@ def _bind(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, An
     call = {k: v for k, v in bound.items() if k != extra}
     call.update(bound.get(extra, {}) if extra else {})
     return call
-
-
-def past_length(cache: Any) -> int:
-    """Tokens already in a key/value cache (0 for none)."""
-    if cache is None:
-        return 0
-    if not hasattr(cache, "get_seq_length"):
-        raise TypeError(
-            f"past_key_values of type {type(cache).__name__} is not a transformers Cache; pass a "
-            f"transformers.DynamicCache (the tuple format was removed from transformers)"
-        )
-    return int(cache.get_seq_length())
 
 
 def _prepend(tensor: torch.Tensor, value: int, count: int) -> torch.Tensor:
@@ -134,7 +123,7 @@ class VirtualTokens(AdapterModule):
         if tokens is None:
             raise ValueError(f"{type(self).__name__} needs input_ids or inputs_embeds in the model call")
         batch, length = tokens.shape[:2]
-        past = past_length(call.get("past_key_values"))
+        past = cache_length(call_cache(call))
         fresh = past == 0
         added = self.num_virtual_tokens if fresh else 0
         self._check_context(past + added + length, length)
@@ -177,13 +166,17 @@ class VirtualTokens(AdapterModule):
                     f"tokens; got {getattr(mask, 'shape', type(mask).__name__)}"
                 )
             call["attention_mask"] = _prepend(mask, 1, self.num_virtual_tokens)
-        positions = call.get("position_ids")
-        if positions is not None:
+        # Token positions (batch, tokens) and, where the caller passes it, the cache slots they fill (tokens,):
+        # generate() in transformers before 5 passes ``cache_position`` counted without the virtual tokens.
+        for key in ("position_ids", *CACHE_POSITION_ARGUMENTS):
+            positions = call.get(key)
+            if positions is None:
+                continue
             shifted = positions + self.num_virtual_tokens
             if fresh and self.adds_positions:  # the virtual tokens themselves take positions 0..P-1
                 virtual = torch.arange(self.num_virtual_tokens, device=positions.device, dtype=positions.dtype)
                 shifted = torch.cat([virtual.expand(*positions.shape[:-1], -1), shifted], dim=-1)
-            call["position_ids"] = shifted
+            call[key] = shifted
 
     def start_sequence(self, model: nn.Module, call: dict[str, Any], batch: int, length: int) -> None:
         """Put the virtual tokens into a call that starts a sequence."""

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_peft.core.transformers_compat import checkpointing_enabled, disable_checkpointing, enable_checkpointing
 from lightning_peft.quantization.config import Quantization
 
 _NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
@@ -64,15 +65,9 @@ def cast_inputs_of_16bit_linears(model: nn.Module) -> list[str]:
     return names
 
 
-def _checkpointing_on(model: nn.Module) -> bool:
-    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing.
-    flag = getattr(type(model), "is_activation_checkpointing", None)
-    return bool(model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing", False))
-
-
 def uses_reentrant_checkpointing(model: nn.Module) -> bool:
     """Whether transformers' gradient checkpointing is on with ``use_reentrant=True`` (torch's old default)."""
-    if not _checkpointing_on(model):
+    if not checkpointing_enabled(model):
         return False
     for module in model.modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
@@ -95,14 +90,10 @@ def prepare_model_for_kbit_training(model: nn.Module, gradient_checkpointing: bo
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing (transformers' supports_gradient_checkpointing)")
-        kwargs = {"use_reentrant": use_reentrant}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    elif gradient_checkpointing is False and _checkpointing_on(model):
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-    if _checkpointing_on(model) and getattr(model, "_require_grads_hook", None) is None:
+        enable_checkpointing(model, use_reentrant)
+    elif gradient_checkpointing is False and checkpointing_enabled(model):
+        disable_checkpointing(model)
+    if checkpointing_enabled(model) and getattr(model, "_require_grads_hook", None) is None:
         if not hasattr(model, "enable_input_require_grads"):
             raise ValueError(f"{type(model).__name__} has gradient checkpointing on but no input embeddings to make require grad")
         model.enable_input_require_grads()
