@@ -82,6 +82,12 @@ def remember_base_fingerprint(model: nn.Module) -> None:
     object.__setattr__(model, FINGERPRINT_ATTRIBUTE, base_fingerprint(model))
 
 
+def forget_base_fingerprint(model: nn.Module) -> None:
+    """Drop the remembered fingerprint (the adapters it was taken for were removed)."""
+    if FINGERPRINT_ATTRIBUTE in vars(model):
+        object.__delattr__(model, FINGERPRINT_ATTRIBUTE)
+
+
 def check_fingerprint(saved: dict[str, Any], model: nn.Module, what: str = "adapter") -> None:
     """Raise :class:`BaseModelMismatchError` naming the first differences between ``saved`` and ``model``."""
     # Every base parameter of ``model`` counts here, frozen or not: a fresh model has nothing frozen yet.

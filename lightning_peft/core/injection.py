@@ -7,12 +7,14 @@ already carries this method's adapters is left as it is (Lightning calls ``setup
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers, adapter_modules
-from lightning_peft.core.fingerprint import remember_base_fingerprint
+from lightning_peft.core.fingerprint import forget_base_fingerprint, remember_base_fingerprint
 from lightning_peft.methods.base import PEFTMethod
 
 # Set on the model root so later calls (another stage, a checkpoint restore, an export) know which
@@ -52,18 +54,32 @@ def inject_adapters(model: nn.Module, method: PEFTMethod) -> list[str]:
     return targets + method.attach(model)
 
 
+def modules_to_save_matches(model: nn.Module, name: str) -> list[nn.Module]:
+    """The modules a ``modules_to_save`` entry names: the exact qualified name or a ``.name`` suffix."""
+    return [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+
+
+def check_modules_to_save(model: nn.Module, method: PEFTMethod) -> None:
+    """Refuse a ``modules_to_save`` entry that names nothing, before anything in the model changes."""
+    unmatched = [name for name in method.modules_to_save if not modules_to_save_matches(model, name)]
+    if unmatched:
+        children = ", ".join(name for name, _ in model.named_children())
+        raise ValueError(
+            f"modules_to_save entry {unmatched[0]!r} matched no module of {type(model).__name__}; give a module's "
+            f"qualified name or its last segment (the model's top-level modules: {children})"
+        )
+
+
 def freeze_base(model: nn.Module, method: PEFTMethod) -> None:
     """Only adapter parameters and ``modules_to_save`` stay trainable."""
+    check_modules_to_save(model, method)
     for param in model.parameters():
         param.requires_grad_(False)
     for _, adapter in adapter_modules(model):
         for _, param in adapter.adapter_named_parameters():
             param.requires_grad_(True)
     for name in method.modules_to_save:
-        matches = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
-        if not matches:
-            raise ValueError(f"modules_to_save entry {name!r} matched no module of {type(model).__name__}")
-        for module in matches:
+        for module in modules_to_save_matches(model, name):
             for param in module.parameters():
                 param.requires_grad_(True)
 
@@ -73,6 +89,10 @@ def apply_peft(model: nn.Module, method: PEFTMethod) -> list[str]:
 
     Returns the names of the adapted modules. Applying a *different* method to a model that already
     has adapters is an error rather than a silent stack of two methods.
+
+    Transactional: if anything fails (a target that matches nothing, a ``modules_to_save`` typo, a layer a
+    method cannot wrap), the model is left exactly as it was (no wrapper, no attached module, every
+    parameter's ``requires_grad`` as before), so a corrected retry starts from the same model.
     """
     current = injected_method(model)
     if current is not None:
@@ -82,11 +102,32 @@ def apply_peft(model: nn.Module, method: PEFTMethod) -> list[str]:
         return [name for name, _ in adapter_modules(model)]
     if any(True for _ in adapter_modules(model)):
         raise ValueError("model already contains adapter layers that were not injected by apply_peft")
-    targets = inject_adapters(model, method)
-    freeze_base(model, method)
-    object.__setattr__(model, METHOD_ATTRIBUTE, method)  # not a submodule: bypass nn.Module.__setattr__
-    remember_base_fingerprint(model)  # sharding comes after injection; the whole base is readable only now
+    check_modules_to_save(model, method)
+    with injection_rolled_back_on_error(model):
+        targets = inject_adapters(model, method)
+        freeze_base(model, method)
+        object.__setattr__(model, METHOD_ATTRIBUTE, method)  # not a submodule: bypass nn.Module.__setattr__
+        remember_base_fingerprint(model)  # sharding comes after injection; the whole base is readable only now
     return targets
+
+
+@contextmanager
+def injection_rolled_back_on_error(model: nn.Module) -> Iterator[None]:
+    """Run a block that may inject adapters into ``model`` (``apply_peft``, or loading an adapter file into a
+    model without adapters); if it raises, put the model back as it was: adapters out, every parameter's
+    ``requires_grad`` as before. A model that already had adapters is left to the block (it injects nothing)."""
+    if injected_method(model) is not None:
+        yield
+        return
+    trainable = {param: param.requires_grad for param in model.parameters()}
+    try:
+        yield
+    except BaseException:
+        remove_adapters(model)
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
+        forget_base_fingerprint(model)
+        raise
 
 
 def _numel(param: nn.Parameter) -> int:

@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import PEFT_KEY_PREFIX, adapter_layers, adapter_modules
 from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
-from lightning_peft.core.injection import apply_peft, injected_method
+from lightning_peft.core.injection import apply_peft, injected_method, injection_rolled_back_on_error
 from lightning_peft.core.model_lookup import resolve_model
 from lightning_peft.core.targets import _matches, _name_matches, exact_names_pattern, find_targets
 from lightning_peft.core.sharding import state_dict_name
@@ -233,8 +233,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config, tensors, metadata = read_adapter_dir(path)
     if FINGERPRINT_KEY in metadata:
         check_fingerprint(json.loads(metadata[FINGERPRINT_KEY]), model, what=f"adapter in {path}")
-    if is_native_config(config):
-        return load_native_adapter(model, config, tensors, str(path))
+    with injection_rolled_back_on_error(model):  # a file that does not fit leaves the model as it was
+        if is_native_config(config):
+            return load_native_adapter(model, config, tensors, str(path))
+        return _load_peft_adapter(model, config, tensors, metadata, path)
+
+
+def _load_peft_adapter(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Any) -> nn.Module:
     method = injected_method(model) or method_from_adapter_config(config, model, metadata)
     apply_peft(model, method)
     expected = adapter_tensors(model)

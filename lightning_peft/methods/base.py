@@ -120,6 +120,20 @@ class PEFTMethod:
         return f"{type(self).__name__}({args})"
 
 
+def require_peft_targets(config: dict[str, Any]) -> None:
+    """Refuse a peft ``adapter_config.json`` of a layer-wrapping method that names no ``target_modules``.
+
+    peft then falls back to its own per-architecture default list, which is not ours (its Llama default is
+    q_proj and v_proj, ours every projection), so which layers the file adapts cannot be read from it.
+    """
+    if not config.get("target_modules"):
+        raise ValueError(
+            f"this {config.get('peft_type')} adapter_config.json has no target_modules; peft would fall back to its own "
+            f"per-architecture defaults, which lightning_peft does not guess. Add the adapted modules' names (the module "
+            f"paths in the tensor keys, e.g. [\"q_proj\", \"v_proj\"]) as target_modules"
+        )
+
+
 def method_from_dict(data: dict[str, Any]) -> PEFTMethod:
     """Rebuild a method from :meth:`PEFTMethod.to_dict` output (only classes deriving from PEFTMethod)."""
     module_name, _, class_name = data["class_path"].rpartition(".")

@@ -29,7 +29,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules, is_kbit_weight
 from lightning_peft.core.targets import TargetSpec, _matches, _name_matches
-from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.base import PEFTMethod, require_peft_targets
 
 # model_type -> (targets, the feed-forward ones among them).
 IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
@@ -147,6 +147,7 @@ class IA3(PEFTMethod):
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> IA3:
+        require_peft_targets(config)
         feedforward = config.get("feedforward_modules") or []
         if isinstance(feedforward, (list, tuple)):
             # peft tests feed-forward names with a bare str.endswith (no "." boundary), unlike target names:

@@ -47,7 +47,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules, is_kbit_weight
 from lightning_peft.core.targets import TargetSpec, linear_types
-from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.base import PEFTMethod, require_peft_targets
 from lightning_peft.methods.lora_init import olora_factors, pissa_factors
 
 LoRAInit = Literal["kaiming", "gaussian", "pissa", "olora", "lora_ga"]
@@ -185,6 +185,7 @@ class LoRA(PEFTMethod):
             from lightning_peft.methods.dora import DoRA
 
             return DoRA.from_peft_config(config)
+        require_peft_targets(config)
         init = config.get("init_lora_weights", True)
         if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_MOVING_INITS):
             raise ValueError(
