@@ -6,7 +6,8 @@
 from lightning_peft.callback import PEFTCallback
 from lightning_peft.core.fingerprint import BaseModelMismatchError
 from lightning_peft.core.injection import apply_peft, parameter_summary
-from lightning_peft.export.peft_format import AdapterFileError, load_adapter, save_adapter
+from lightning_peft.export.adapter_dir import AdapterFileError
+from lightning_peft.export.peft_format import load_adapter, save_adapter
 from lightning_peft.merge import disable_adapters, merge_adapters, unmerge_adapters
 from lightning_peft.methods import IA3, Adapter, BitFit, Compacter, DoRA, LlamaAdapter, LoRA, PEFTMethod, PrefixTuning, PromptTuning, PTuning
 from lightning_peft.mixin import PEFTMixin

@@ -151,4 +151,4 @@ def test_defaults_work_on_the_configs_model_widths(build, width, bottleneck, cap
     # The default init leaves the model unchanged, whatever width was chosen.
     torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-6)
     rounded = [r.getMessage() for r in caplog.records if "rounded down" in r.getMessage()]
-    assert rounded == ([f"lightning_peft: Compacter bottleneck 16 after the 576-wide layers (576 // reduction_factor=32 = 18, rounded down to a multiple of phm_dim=4)"] if width == 576 else [])
+    assert rounded == (["lightning_peft: Compacter bottleneck 16 after the 576-wide layers (576 // reduction_factor=32 = 18, rounded down to a multiple of phm_dim=4)"] if width == 576 else [])

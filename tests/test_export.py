@@ -25,6 +25,7 @@ from lightning_peft import (
     save_adapter,
 )
 from lightning_peft.core.adapter_layer import adapter_layers
+from adapter_files import rewrite_metadata, rewrite_tensors
 from tiny_models import (
     LLAMA_ALL,
     input_ids,
@@ -245,12 +246,7 @@ def saved(tmp_path) -> Path:
 
 
 def _rewrite(path: Path, change) -> None:
-    file = path / "adapter_model.safetensors"
-    with safe_open(file, framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(file)
-    change(tensors)
-    save_file(tensors, file, metadata=metadata)
+    rewrite_tensors(path, change)  # a consistent rewrite: the checksum follows the new tensors
 
 
 def test_missing_tensor(saved):
@@ -309,17 +305,17 @@ def test_not_a_directory_and_missing_files(tmp_path, saved):
 
 
 def _rewrite_method_metadata(directory, edit) -> None:
-    """Rewrite our method config in the safetensors header (``edit`` returns the new dict, or None to drop it)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    """Rewrite our method config in the safetensors header (``edit`` returns the new dict, or None to read the file
+    as a peft-written one, without any of our metadata)."""
+    def change(metadata):
+        method = edit(json.loads(metadata.pop(peft_format.METHOD_KEY)))
+        if method is None:
+            for key in [k for k in metadata if k.startswith("lightning_peft.")]:
+                metadata.pop(key)
+        else:
+            metadata[peft_format.METHOD_KEY] = json.dumps(method)
 
-    file = directory / "adapter_model.safetensors"
-    with safe_open(str(file), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-    method = edit(json.loads(metadata.pop(peft_format.METHOD_KEY)))
-    if method is not None:
-        metadata[peft_format.METHOD_KEY] = json.dumps(method)
-    save_file(load_file(str(file)), file, metadata=metadata)
+    rewrite_metadata(directory, change)
 
 
 def test_unsupported_peft_type_and_dora(saved):

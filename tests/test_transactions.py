@@ -4,19 +4,17 @@ with "model already has adapters")."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft import AdapterFileError, DoRA, IA3, LoRA, PrefixTuning, apply_peft, load_adapter, save_adapter
+from lightning_peft import AdapterFileError, IA3, LoRA, PrefixTuning, apply_peft, load_adapter, save_adapter
 from lightning_peft.core.injection import injected_method
 from lightning_peft.core.fingerprint import FINGERPRINT_ATTRIBUTE
 from lightning_peft.methods.lora import LoRALayer
+from adapter_files import as_peft_written, rewrite_tensors
 from tiny_models import LLAMA_ALL, logits, randomize_adapters, tiny_llama
 
 
@@ -103,38 +101,17 @@ def saved(tmp_path) -> Path:
     return path
 
 
-def _edit_tensors(path: Path, change) -> None:
-    file = path / "adapter_model.safetensors"
-    with safe_open(file, framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(file)
-    change(tensors)
-    save_file(tensors, file, metadata=metadata)
-
-
-def _as_peft_written(path: Path, **config_changes) -> None:
-    """Drop our metadata (as a peft-written file lacks it) and change adapter_config.json fields."""
-    file = path / "adapter_model.safetensors"
-    tensors = load_file(file)
-    save_file(tensors, file, metadata={"format": "pt"})
-    config = json.loads((path / "adapter_config.json").read_text())
-    config.update(config_changes)
-    for key in [k for k, v in config_changes.items() if v is None]:
-        config.pop(key)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-
-
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 
 @pytest.mark.parametrize(
     "damage, error",
     [
-        (lambda p: _edit_tensors(p, lambda t: t.update({Q_A: torch.zeros(4, 31)})), r"has shape \[4, 31\], the model needs \[4, 32\]"),
-        (lambda p: _edit_tensors(p, lambda t: t.pop(Q_A)), r"1 tensors missing"),
-        (lambda p: _edit_tensors(p, lambda t: t.update({"base_model.model.model.norm.lora_A.weight": torch.zeros(4, 32)})), r"1 unexpected tensors"),
-        (lambda p: _as_peft_written(p, use_dora=True), r"tensors missing.*lora_magnitude_vector"),
-        (lambda p: _as_peft_written(p, target_modules=None), r"LORA adapter_config.json has no target_modules.*Add the adapted modules"),
+        (lambda p: rewrite_tensors(p, lambda t: t.update({Q_A: torch.zeros(4, 31)})), r"has shape \[4, 31\], the model needs \[4, 32\]"),
+        (lambda p: rewrite_tensors(p, lambda t: t.pop(Q_A)), r"1 tensors missing"),
+        (lambda p: rewrite_tensors(p, lambda t: t.update({"base_model.model.model.norm.lora_A.weight": torch.zeros(4, 32)})), r"1 unexpected tensors"),
+        (lambda p: as_peft_written(p, use_dora=True), r"tensors missing.*lora_magnitude_vector"),
+        (lambda p: as_peft_written(p, target_modules=None), r"LORA adapter_config.json has no target_modules.*Add the adapted modules"),
     ],
     ids=["wrong shape", "missing tensor", "extra tensor", "wrong use_dora", "no target_modules"],
 )
@@ -159,7 +136,7 @@ def test_failed_load_into_an_adapted_model_keeps_its_adapters(saved):
     apply_peft(model, LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     randomize_adapters(model, seed=8)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    _edit_tensors(saved, lambda t: t.update({Q_A: torch.zeros(4, 31)}))
+    rewrite_tensors(saved, lambda t: t.update({Q_A: torch.zeros(4, 31)}))
     with pytest.raises(AdapterFileError):
         load_adapter(model, saved)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

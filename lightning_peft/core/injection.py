@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers, adapter_modules
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules
+from lightning_peft.core.sharding import state_dict_name
 from lightning_peft.core.fingerprint import forget_base_fingerprint, remember_base_fingerprint
 from lightning_peft.methods.base import PEFTMethod
 
@@ -57,6 +58,19 @@ def inject_adapters(model: nn.Module, method: PEFTMethod) -> list[str]:
 def modules_to_save_matches(model: nn.Module, name: str) -> list[nn.Module]:
     """The modules a ``modules_to_save`` entry names: the exact qualified name or a ``.name`` suffix."""
     return [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+
+
+def modules_to_save_parameters(model: nn.Module, method: PEFTMethod) -> dict[str, nn.Parameter]:
+    """The trained parameters of ``method.modules_to_save`` in ``model``, by state-dict name (without FSDP1's
+    wrapper segments), matched by the same rule as :func:`freeze_base` uses to unfreeze them."""
+    found: dict[str, nn.Parameter] = {}
+    for entry in method.modules_to_save:
+        for module_name, module in model.named_modules():
+            if module_name == entry or module_name.endswith("." + entry):
+                for name, param in module.named_parameters():
+                    if param.requires_grad:
+                        found.setdefault(state_dict_name(f"{module_name}.{name}"), param)
+    return dict(sorted(found.items()))
 
 
 def check_modules_to_save(model: nn.Module, method: PEFTMethod) -> None:

@@ -28,7 +28,6 @@ injects it into the fresh base and requires exactly the expected tensors with th
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,8 @@ import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import adapter_modules
-from lightning_peft.core.injection import apply_peft, injected_method
-from lightning_peft.export.atomic import atomic_directory, write_adapter_tensors
+from lightning_peft.core.injection import apply_peft, injected_method, modules_to_save_parameters
+from lightning_peft.export.adapter_dir import AdapterFileError, check_tensors_fit, write_adapter_dir
 from lightning_peft.methods.base import PEFTMethod, method_from_dict
 
 FORMAT = "lightning_peft"
@@ -52,9 +51,6 @@ def is_native_config(config: dict[str, Any]) -> bool:
 def native_adapter_tensors(model: nn.Module, method: PEFTMethod) -> dict[str, torch.Tensor]:
     """The adapter state of ``model`` by name: adapter parameters (shared ones once) and persistent
     buffers, then the trained ``modules_to_save`` parameters."""
-    # peft_format imports this module to dispatch to it; import its helpers here, at call time.
-    from lightning_peft.export.peft_format import modules_to_save_parameters
-
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for adapter_name, adapter in adapter_modules(model):
@@ -79,16 +75,11 @@ def save_native_adapter(model: nn.Module, path: str | os.PathLike, task_type: st
         "adapted_modules": [name for name, _ in adapter_modules(model)],
         "modules_to_save": method.modules_to_save or None,
     }
-    with atomic_directory(path) as staging:
-        write_adapter_tensors(tensors, staging / "adapter_model.safetensors", metadata)
-        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(path)
+    return write_adapter_dir(path, tensors, config, metadata)
 
 
 def load_native_adapter(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Inject the file's method into ``model`` (unless it has it already) and copy the tensors in."""
-    from lightning_peft.export.peft_format import AdapterFileError, check_tensors_fit
-
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise AdapterFileError(f"adapter in {source} has format_version {version!r}; this version of lightning_peft reads {FORMAT_VERSION}")

@@ -24,30 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from lightning_peft.core.adapter_layer import PEFT_KEY_PREFIX, adapter_layers, adapter_modules
 from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
-from lightning_peft.core.injection import apply_peft, injected_method, injection_rolled_back_on_error
+from lightning_peft.core.injection import apply_peft, injected_method, injection_rolled_back_on_error, modules_to_save_parameters
 from lightning_peft.core.model_lookup import resolve_model
 from lightning_peft.core.targets import _matches, _name_matches, exact_names_pattern, find_targets
 from lightning_peft.core.sharding import state_dict_name
-from lightning_peft.export.atomic import atomic_directory, write_adapter_tensors
+from lightning_peft.export.adapter_dir import FINGERPRINT_KEY, METHOD_KEY, check_tensors_fit, read_adapter_dir, write_adapter_dir
 from lightning_peft.export.native_format import is_native_config, load_native_adapter, save_native_adapter
 from lightning_peft.methods.base import PEFTMethod
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = PEFT_KEY_PREFIX
-FINGERPRINT_KEY = "lightning_peft.base_fingerprint"
-METHOD_KEY = "lightning_peft.method"
-
-
-class AdapterFileError(ValueError):
-    """An adapter directory that is incomplete, corrupt, unsafe or does not fit the model."""
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -86,32 +75,6 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def modules_to_save_parameters(model: nn.Module, method: PEFTMethod) -> dict[str, nn.Parameter]:
-    """The trained parameters of ``method.modules_to_save`` in ``model``, by name."""
-    named = ((state_dict_name(name), param) for name, param in model.named_parameters())  # as saved, without FSDP1's segments
-    return {
-        name: param
-        for name, param in named
-        if param.requires_grad and any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in method.modules_to_save)
-    }
-
-
-def check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: Any, model: nn.Module) -> None:
-    """Raise :class:`AdapterFileError` unless ``tensors`` has exactly the keys of ``expected``, with their shapes."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise AdapterFileError(
-            f"adapter in {source} does not fit {type(model).__name__}: "
-            + (f"{len(missing)} tensors missing (e.g. {missing[:3]}) " if missing else "")
-            + (f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})" if unexpected else "")
-        )
-    wrong_shape = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
-    if wrong_shape:
-        key, got, want = wrong_shape[0]
-        raise AdapterFileError(f"adapter in {source}: tensor {key} has shape {got}, the model needs {want} ({len(wrong_shape)} tensors differ)")
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapters of ``model`` (or of the transformers model inside a LightningModule) to ``path``.
 
@@ -143,42 +106,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     if targets:  # prompt-learning configs have no target modules: their adapters wrap no layer
         config["target_modules"] = _target_modules_field(model, targets)
     config.update(method.peft_config(model, targets))
-    with atomic_directory(path) as staging:
-        write_adapter_tensors(tensors, staging / WEIGHTS_NAME, metadata)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(path)
-
-
-def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
-    """(config, tensors, safetensors metadata) of an adapter directory, refusing pickles and corrupt files."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise AdapterFileError(f"adapter path {str(directory)!r} is not a directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
-    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not weights_file.exists():
-        pickles = [name for name in PICKLE_NAMES if (directory / name).exists()]
-        if pickles:
-            raise AdapterFileError(
-                f"{directory / pickles[0]} is a pickle, which can run arbitrary code when loaded; lightning_peft "
-                f"reads only {WEIGHTS_NAME}. Convert it once in a trusted environment: "
-                f"safetensors.torch.save_file(torch.load(f, weights_only=True), '{WEIGHTS_NAME}')"
-            )
-        raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}")
-    if not config_file.exists():
-        raise AdapterFileError(f"{directory} has no {CONFIG_NAME}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"{config_file} is not valid JSON: {err}") from err
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights_file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{weights_file} is not a valid safetensors file ({err}); it may be corrupt or a renamed pickle") from err
-    return config, tensors, metadata
+    return write_adapter_dir(path, tensors, config, metadata)
 
 
 def method_from_adapter_config(config: dict[str, Any], model: nn.Module | None = None, metadata: dict[str, str] | None = None) -> PEFTMethod:
