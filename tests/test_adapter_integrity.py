@@ -124,3 +124,14 @@ def test_our_file_loads_without_a_warning(saved):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_adapter(tiny_llama(0), saved)
+
+
+def test_checksumming_leaves_the_callers_storage_resizable():
+    # FSDP1 frees the full parameters it gathered for an export by resizing their storage to 0; a checksum
+    # that went through .numpy() on that storage made it unresizable and crashed every FSDP1 export.
+    from lightning_peft.export.adapter_dir import tensors_checksum
+
+    tensor = torch.arange(6, dtype=torch.float32)
+    assert tensors_checksum({"a": tensor}) == tensors_checksum({"a": tensor.clone()})
+    tensor.untyped_storage().resize_(0)
+    assert tensor.untyped_storage().size() == 0

@@ -5,7 +5,6 @@ recomputation); DoRA on a 4-bit base against the dequantized reference; the peft
 from __future__ import annotations
 
 import copy
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -17,6 +16,7 @@ from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.merge import merged_state_dict
 from lightning_peft.methods.dora import DoRALayer
 from lightning_peft.quantization import quantize_model
+from nf4_reference import reference_dequantize
 from tiny_models import LLAMA_ALL, input_ids, logits, peft_adapter_params, tiny_gpt2, tiny_llama
 
 
@@ -211,7 +211,7 @@ def quantized_dora_and_twin(compute_dtype: str = "float32", device: str = "cpu")
     with torch.no_grad():
         for name, module in quantized.named_modules():
             if getattr(getattr(module, "weight", None), "quant_state", None) is not None:
-                weight = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state).cpu()
+                weight = reference_dequantize(module)
                 twin.get_submodule(name.removesuffix(".base_layer")).weight.copy_(weight)
     twin = twin.to(device)
     apply_peft(twin, DoRA(r=4, alpha=8, target_modules="all-linear"))

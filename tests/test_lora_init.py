@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -21,6 +20,7 @@ from lightning_peft.methods.lora_init import lora_ga_factors
 from lightning_peft.quantization import quantize_model
 from lightning_helpers import LitCausalLM, make_trainer, token_batches, token_loader
 from lightning_helpers import tiny_llama as lightning_tiny_llama
+from nf4_reference import reference_dequantize
 from tiny_models import input_ids, logits, peft_adapter_params, tiny_gpt2, tiny_llama
 
 QV = ["q_proj", "v_proj"]
@@ -167,7 +167,7 @@ def test_lora_ga_on_a_4bit_base_keeps_the_codes_and_estimates_through_the_dequan
     twin = tiny_llama(0)
     with torch.no_grad():
         for name, module in kbit.items():
-            twin.get_submodule(name).weight.copy_(bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state))
+            twin.get_submodule(name).weight.copy_(reference_dequantize(module))
     apply_peft(twin, LoRA(r=2, alpha=4, target_modules=QV, init="lora_ga"))
     estimates = []
     for model in (quantized, twin):

@@ -16,6 +16,7 @@ from torch import nn
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules
 from lightning_peft.core.sharding import state_dict_name
 from lightning_peft.core.fingerprint import forget_base_fingerprint, remember_base_fingerprint
+from lightning_peft.core.kbit_cpu_kernel import select_cpu_kernel
 from lightning_peft.methods.base import PEFTMethod
 
 # Set on the model root so later calls (another stage, a checkpoint restore, an export) know which
@@ -117,6 +118,9 @@ def apply_peft(model: nn.Module, method: PEFTMethod) -> list[str]:
     if any(True for _ in adapter_modules(model)):
         raise ValueError("model already contains adapter layers that were not injected by apply_peft")
     check_modules_to_save(model, method)
+    # A 4-bit base quantized outside lightning_peft (from_pretrained(quantization_config=...)) gets the exact
+    # CPU kernel too: bitsandbytes' packed one changes eval results with the CPU model.
+    select_cpu_kernel(model, "exact", keep_existing=True)
     with injection_rolled_back_on_error(model):
         targets = inject_adapters(model, method)
         freeze_base(model, method)

@@ -54,7 +54,9 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and raw bytes, in name order (CPU copies)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
+        # A copy, never the caller's storage: .numpy() marks a storage as not resizable for good, and FSDP1
+        # frees the gathered parameters it lent us by resizing theirs to 0 (one tensor at a time: no peak).
+        tensor = tensors[name].detach().to("cpu", copy=True).contiguous()
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

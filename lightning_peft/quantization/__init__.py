@@ -6,8 +6,11 @@
   full-precision model in host memory.
 - :func:`prepare_model_for_kbit_training`: norms in float32, gradient checkpointing that works with a
   frozen embedding layer.
+- :func:`select_cpu_kernel`: exact dequantize + matmul on CPUs (the default), or bitsandbytes' packed
+  AVX512-BF16 inference kernel.
 """
 
+from lightning_peft.core.kbit_cpu_kernel import select_cpu_kernel
 from lightning_peft.quantization.backend import QuantizationBackendError, check_backend
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.quantization.loading import load_quantized
@@ -26,4 +29,5 @@ __all__ = [
     "model_weight_bytes",
     "prepare_model_for_kbit_training",
     "quantize_model",
+    "select_cpu_kernel",
 ]

@@ -24,6 +24,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from lightning_peft.core.kbit_cpu_kernel import CPU_KERNELS, CpuKernel
+
 Bits = Literal[4, 8]
 QuantType = Literal["nf4", "fp4"]
 ComputeDType = Literal["float32", "bfloat16", "float16"]
@@ -67,6 +69,10 @@ class Quantization:
     # Linear layers left in full precision, besides the output head (which is never quantized): names
     # matched like target_modules (exact name or a ".name" suffix).
     skip_modules: Optional[list[str]] = field(default=None)
+    # 4-bit matmul on a CPU: "exact" is dequantize + matmul, the same numbers on every CPU; "fast" lets
+    # bitsandbytes use its packed AVX512-BF16 kernel for eval-mode inference where the CPU has one
+    # (bf16 scales: close, not equal; see core/kbit_cpu_kernel.py). No effect on GPUs.
+    cpu_kernel: CpuKernel = "exact"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
@@ -81,6 +87,8 @@ class Quantization:
             raise ValueError(f"unknown quant_storage={self.quant_storage!r}; choose 'uint8', 'float32', 'bfloat16' or 'float16'")
         if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
             raise ValueError(f"int8_threshold must be a number >= 0, got {self.int8_threshold!r}")
+        if self.cpu_kernel not in CPU_KERNELS:
+            raise ValueError(f"unknown cpu_kernel={self.cpu_kernel!r}; choose 'exact' (dequantize + matmul, the default) or 'fast' (bitsandbytes' packed bf16 kernel for CPU inference)")
         if isinstance(self.skip_modules, str):
             # A bare string would be iterated character by character.
             object.__setattr__(self, "skip_modules", [self.skip_modules])

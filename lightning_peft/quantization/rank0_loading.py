@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_peft.core.injection import _set_submodule
 from lightning_peft.quantization.config import Quantization
+from lightning_peft.core.kbit_cpu_kernel import select_cpu_kernel
 from lightning_peft.quantization.record import QuantizationRecord, set_quantization_record
 
 
@@ -85,6 +86,7 @@ def empty_quantized_model(empty: nn.Module, layout: dict[str, Any], quantization
         module._parameters[attribute] = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=param.requires_grad)
     if hasattr(empty, "tie_weights"):
         empty.tie_weights()
+    select_cpu_kernel(empty, quantization.cpu_kernel)
     set_quantization_record(empty, QuantizationRecord(quantization, {}, None))  # no originals: rank 0 exports
     return empty
 

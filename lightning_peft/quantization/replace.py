@@ -21,6 +21,7 @@ from lightning_peft.core.injection import _set_submodule
 from lightning_peft.core.targets import _name_matches, output_head_names
 from lightning_peft.quantization.backend import check_backend, import_bitsandbytes
 from lightning_peft.quantization.config import Quantization
+from lightning_peft.core.kbit_cpu_kernel import dequantize_4bit_exact, restore_original_codes, select_cpu_kernel
 from lightning_peft.quantization.record import (
     OriginalWeight,
     QuantizationRecord,
@@ -97,6 +98,7 @@ def quantized_linear(weight: torch.Tensor, bias: nn.Parameter | torch.Tensor | N
             quant_storage=config.torch_quant_storage,
             module=layer,
         ).to(device)
+        select_cpu_kernel(layer, config.cpu_kernel)
     else:
         layer = bnb.nn.Linear8bitLt(
             in_features, out_features, bias=False, has_fp16_weights=False, threshold=config.int8_threshold, device="meta"
@@ -175,19 +177,6 @@ def quantize_model(model: nn.Module, config: Quantization, device: torch.device 
     return names
 
 
-def _unpack_cpu_format(module: nn.Module) -> None:
-    """Undo bitsandbytes' CPU repacking (done on the first eval forward on CPUs with AVX512-BF16).
-
-    bitsandbytes reverses it the same way before ``state_dict``; the next eval forward repacks.
-    """
-    state = getattr(module.weight, "quant_state", None)
-    if state is not None and getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
-        module.quant_state = module.weight.quant_state
-
-
 @torch.no_grad()
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight a bitsandbytes linear layer multiplies by, in float32."""
@@ -195,8 +184,8 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as F
 
     if isinstance(module, bnb.nn.Linear4bit):
-        _unpack_cpu_format(module)
-        return F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        restore_original_codes(module)  # bitsandbytes' packed CPU layout is not what dequantize_4bit reads
+        return dequantize_4bit_exact(module.weight.data, module.weight.quant_state).float()
     if isinstance(module, bnb.nn.Linear8bitLt):
         # After the first forward the row scales live in the layer's matmul state, not on the weight.
         scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
