@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lightning_peft.core.transformers_compat import make_tokenizer_config_portable
+
 # One seed for every split, so that train/validation files are identical on every machine.
 SPLIT_SEED = 1234
 RT_VALIDATION_SIZE = 1000
@@ -190,6 +192,7 @@ def _prepare_smollm2(root: Path, out: Path) -> None:
         shutil.rmtree(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    make_tokenizer_config_portable(out)  # readable by every supported transformers, not only this one
     del model
     _verify_causal_lm(out)
 
@@ -336,6 +339,8 @@ def prepare_assets(root: str | Path = "assets", force: bool = False) -> dict[str
         step()
         marker.write_text(f"prepared in {time.perf_counter() - start:.1f}s\n")
         _log(f"{name}: done in {time.perf_counter() - start:.1f}s")
+    if make_tokenizer_config_portable(paths["smollm2"]):  # prepared by an earlier version of this function
+        _log("smollm2: tokenizer_config.json now names a tokenizer class every supported transformers reads")
     return paths
 
 

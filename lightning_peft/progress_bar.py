@@ -3,18 +3,23 @@
 PEFT runs are usually bounded by ``max_steps`` and end mid-epoch. Lightning then sets ``max_epochs=-1``
 and its bars describe the run by epochs: Rich shows ``Epoch 0/-2``, TQDM ``Epoch 0`` with a total that
 is the epoch's batches. Both say nothing about how far the run is. This bar keeps Lightning's choice of
-backend (Rich where it is installed, else TQDM) and its layout, and for ``max_steps`` runs describes the
+backend (Rich where it is installed, as Lightning 2.6 does, else TQDM) and its layout, and for ``max_steps`` runs describes the
 training bar as ``Step 7/20`` (optimizer steps done / ``max_steps``), updated after every batch. Runs
 bounded by epochs keep Lightning's description.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+
+def rich_available() -> bool:
+    """Whether ``rich`` can be imported (Lightning's own flag for it moved between releases)."""
+    return importlib.util.find_spec("rich") is not None
 
 
 def bounded_by_steps(trainer: pl.Trainer) -> bool:
@@ -55,4 +60,4 @@ class TQDMStepProgressBar(TQDMProgressBar):
 
 def step_progress_bar() -> ProgressBar:
     """The bar Lightning would pick by default (Rich if installed, else TQDM), counting steps."""
-    return RichStepProgressBar() if _RICH_AVAILABLE else TQDMStepProgressBar()
+    return RichStepProgressBar() if rich_available() else TQDMStepProgressBar()

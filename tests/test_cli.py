@@ -25,6 +25,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 from lightning_peft import disable_adapters, load_adapter, save_adapter
 from lightning_peft.cli import PEFTLightningCLI, main, run_cli
 from lightning_peft.core.adapter_layer import adapter_layers, adapter_modules
+from lightning_peft.core.transformers_compat import cache_argument
 from lightning_peft.export.peft_format import read_adapter_dir
 from lightning_peft.tasks import CausalLMTask, SequenceClassificationTask
 
@@ -162,6 +163,8 @@ def test_configs_are_found():
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO_ROOT / "configs")) for c in CONFIGS])
 def test_config_runs(config: Path, assets_dir: Path, tmp_path: Path, monkeypatch, capsys):
     """Parse and run each config for 2 steps, then reload what it exported."""
+    if config.name == "prefix_tuning_classification.yaml" and cache_argument(BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))) is None:
+        pytest.skip("this transformers' BertForSequenceClassification takes no key/value cache (5.x passes one through): prefix tuning is refused there with a clear error, tested in test_prompt_methods.py")
     # Configs use paths relative to the repo root (assets/..., outputs/...): run in a scratch directory
     # whose `assets` points at the prepared assets, so nothing is written into the repository.
     (tmp_path / "assets").symlink_to(assets_dir.resolve(), target_is_directory=True)

@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from lightning_helpers import LitCausalLM, make_trainer, token_loader
 from lightning_peft.progress_bar import RichStepProgressBar, TQDMStepProgressBar, step_progress_bar
 
-
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+RICH = importlib.util.find_spec("rich") is not None
 
 # transformers 5 brings rich (through typer); with older releases it may be absent, and Lightning then uses TQDM.
 BARS = [
-    pytest.param(RichStepProgressBar, id="rich", marks=pytest.mark.skipif(not _RICH_AVAILABLE, reason="rich is not installed")),
+    pytest.param(RichStepProgressBar, id="rich", marks=pytest.mark.skipif(not RICH, reason="rich is not installed")),
     pytest.param(TQDMStepProgressBar, id="tqdm"),
 ]
 
@@ -54,4 +55,4 @@ def test_epoch_bounded_run_keeps_lightnings_description(tmp_path, bar_class):
 
 
 def test_default_is_the_backend_lightning_would_choose():
-    assert isinstance(step_progress_bar(), RichStepProgressBar if _RICH_AVAILABLE else TQDMStepProgressBar)
+    assert isinstance(step_progress_bar(), RichStepProgressBar if RICH else TQDMStepProgressBar)

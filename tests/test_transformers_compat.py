@@ -157,3 +157,70 @@ def test_a_head_without_kwargs_takes_only_the_cache_it_names():
 
     assert compat.cache_argument(StrictHead()) is None
     assert compat.cache_argument(PassingHead()) == "past_key_values"
+
+
+def _attention_call(model: nn.Module) -> tuple[nn.Module, dict, object]:
+    """The first attention module of ``model``, the arguments it was really called with, and its output."""
+    attention = model.model.layers[0].self_attn
+    seen = {}
+
+    def record(module, args, kwargs, output):
+        seen["call"] = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        seen["output"] = output
+
+    handle = attention.register_forward_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=input_ids())
+    handle.remove()
+    return attention, seen["call"], seen["output"]
+
+
+def test_rotary_tables_and_function_reproduce_the_layers_own_rotation():
+    model = tiny_llama(0).eval()
+    attention, call, _ = _attention_call(model)
+    cos, sin = compat.attention_rotary_tables(call)
+    rotate = compat.rotary_function(attention)
+    assert rotate is not None and cos.shape == sin.shape and cos.shape[-1] == attention.head_dim
+    # RoPE by its definition (Su et al. 2021, the rotate-half form Llama uses), in float64.
+    q = torch.randn(1, 2, cos.shape[-2], attention.head_dim, dtype=torch.float64)
+    half = attention.head_dim // 2
+    rotated_half = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
+    expected = q * cos.double()[:, None] + rotated_half * sin.double()[:, None]
+    got, _ = rotate(q, q, cos.double(), sin.double())
+    torch.testing.assert_close(got, expected)
+
+
+def test_rotary_function_is_none_where_the_model_has_no_rope():
+    model = tiny_gpt2(0)
+    assert compat.rotary_function(model.transformer.h[0].attn) is None
+    assert compat.attention_rotary_tables({"hidden_states": torch.zeros(1)}) is None
+
+
+def test_split_attention_output_finds_the_tensor_the_layer_adds_to_its_residual():
+    model = tiny_llama(0).eval()
+    attention, call, output = _attention_call(model)
+    attn_output, rest = compat.split_attention_output(output)
+    with torch.no_grad():
+        direct = attention(**call)
+    torch.testing.assert_close(attn_output, compat.split_attention_output(direct)[0])
+    assert attn_output.shape == call["hidden_states"].shape and isinstance(rest, tuple)
+    only, none = compat.split_attention_output(attn_output)
+    assert only is attn_output and none == ()
+
+
+def test_saved_tokenizer_config_names_a_class_every_supported_release_reads(tmp_path):
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "to": 1, "be": 2, "or": 3, "not": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert compat.make_tokenizer_config_portable(tmp_path) == (written in compat.PORTABLE_TOKENIZER_CLASSES)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] not in compat.PORTABLE_TOKENIZER_CLASSES
+    assert AutoTokenizer.from_pretrained(tmp_path)("to be or not")["input_ids"] == [1, 2, 3, 4]
+    assert compat.make_tokenizer_config_portable(tmp_path) is False  # idempotent
+    assert compat.make_tokenizer_config_portable(tmp_path / "missing") is False

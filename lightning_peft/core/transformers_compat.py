@@ -9,13 +9,15 @@ method) rather than by comparing version strings: a probe stays right for releas
 in either direction. Every probe has a test on the oldest and the newest supported transformers
 (tests/test_transformers_compat.py).
 
-Nothing else in the package may name ``past_key_values``/``cache`` or the checkpointing methods.
+Nothing else in the package may name ``past_key_values``/``cache``, the checkpointing methods, or the
+attention modules' call convention (``position_embeddings``, ``apply_rotary_pos_emb``).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -138,3 +140,56 @@ def enable_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
 
 def disable_checkpointing(model: nn.Module) -> None:
     (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+# -- attention modules (LLaMA-Adapter computes a second attention beside the layer's own) ------------
+# Rotary models (Llama, Mistral, Qwen) have received their RoPE tables as ``position_embeddings=(cos,
+# sin)`` since transformers 4.48, and define ``apply_rotary_pos_emb`` next to the attention class; the
+# attention returns ``(attn_output, attn_weights)``. Each is read off the module, not assumed.
+
+
+def rotary_function(attention: nn.Module) -> Callable[..., Any] | None:
+    """The ``apply_rotary_pos_emb(q, k, cos, sin)`` of the module defining ``attention``'s class, or None."""
+    return getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+
+
+def attention_rotary_tables(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(cos, sin)`` tables an attention call was given (``call``: its bound arguments), or None."""
+    return call.get("position_embeddings")
+
+
+def split_attention_output(output: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """``(attn_output, the rest)`` of what an attention module returned (a tuple, or the tensor alone)."""
+    if isinstance(output, torch.Tensor):
+        return output, ()
+    first, *rest = output
+    return first, tuple(rest)
+
+
+# -- saved tokenizers -------------------------------------------------------------------------------
+# transformers 5 saves a fast tokenizer with ``"tokenizer_class": "TokenizersBackend"``, a class 4.x does
+# not have ("Tokenizer class TokenizersBackend does not exist"); both read "PreTrainedTokenizerFast" to the
+# same tokenizer. Folders we write for others to load (the offline assets) use the name both know.
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def make_tokenizer_config_portable(folder: Any) -> bool:
+    """Rewrite ``folder/tokenizer_config.json``'s class name to one every supported release reads.
+
+    Returns whether it changed anything; a folder without the file, or with a portable name, is left alone.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text(encoding="utf-8"))
+    portable = PORTABLE_TOKENIZER_CLASSES.get(config.get("tokenizer_class"))
+    if portable is None:
+        return False
+    config["tokenizer_class"] = portable
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    temporary.replace(path)  # atomic: a reader sees the old file or the new one
+    return True

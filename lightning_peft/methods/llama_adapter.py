@@ -29,14 +29,14 @@ and vLLM does not serve it.
 from __future__ import annotations
 
 import inspect
-import sys
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer
 from lightning_peft.core.blocks import transformer_blocks
+from lightning_peft.core.transformers_compat import attention_rotary_tables, rotary_function, split_attention_output
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.virtual_tokens import check_choice, check_positive
 
@@ -44,11 +44,6 @@ Gate = Literal["per_head", "scalar"]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: Model types whose adaption prompts HF peft reads (its own list has gpt2 too, which has no rotary embedding).
 PEFT_MODEL_TYPES = ("llama", "mistral")
-
-
-def _rotary_function(attention: nn.Module) -> Callable[..., Any] | None:
-    """The ``apply_rotary_pos_emb`` of the module that defines the attention class (the model's own RoPE)."""
-    return getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
 
 
 def _describe(attention: nn.Module) -> str:
@@ -67,7 +62,7 @@ class AdaptedAttention(AdapterLayer):
         self.num_kv_heads = attention.k_proj.out_features // self.head_dim
         self.scaling = getattr(attention, "scaling", self.head_dim**-0.5)
         self.gate = gate
-        self.apply_rotary = _rotary_function(attention)
+        self.apply_rotary = rotary_function(attention)
         self._signature = inspect.signature(attention.forward)
         device = attention.q_proj.weight.device
         # The authors' code keeps the prompt in an nn.Embedding: standard normal values.
@@ -83,11 +78,12 @@ class AdaptedAttention(AdapterLayer):
         if self.disabled:
             return output
         call = self._signature.bind_partial(*args, **kwargs).arguments
-        hidden_states, rotary = call["hidden_states"], call.get("position_embeddings")
+        hidden_states, rotary = call["hidden_states"], attention_rotary_tables(call)
         if rotary is None:
             raise ValueError(f"{type(self.base_layer).__name__} was called without position_embeddings (cos, sin); LlamaAdapter needs rotary attention")
-        attn_output, *rest = output
-        return (attn_output + self.prompt_attention(hidden_states, rotary), *rest)
+        attn_output, rest = split_attention_output(output)
+        adapted = attn_output + self.prompt_attention(hidden_states, rotary)
+        return adapted if isinstance(output, torch.Tensor) else (adapted, *rest)
 
     def prompt_attention(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``o_proj(g * softmax(Q K_A^T / sqrt(d)) V_A)`` without o_proj's bias (it is in the base output already)."""
@@ -174,7 +170,7 @@ class LlamaAdapter(PEFTMethod):
                     f"{type(model).__name__} has none: {', '.join(children)}"
                 )
             attention = model.get_submodule(found[0])
-            if _rotary_function(attention) is None or not any(name.endswith("rotary_emb") for name, _ in model.named_modules()):
+            if rotary_function(attention) is None or not any(name.endswith("rotary_emb") for name, _ in model.named_modules()):
                 raise ValueError(
                     f"LlamaAdapter needs rotary position embeddings; {type(model).__name__}'s {type(attention).__name__} at "
                     f"{found[0]!r} has none (no apply_rotary_pos_emb in {type(attention).__module__}, or no rotary_emb module)"
