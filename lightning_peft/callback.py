@@ -14,12 +14,14 @@ linear layers become bitsandbytes 4-bit or 8-bit layers, the adapters wrap them 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_peft.checkpointing import attach_checkpoint_hooks, make_state_dict_adapter_only
 from lightning_peft.core.injection import apply_peft, parameter_summary
@@ -29,6 +31,7 @@ from lightning_peft.data_init import initialise_from_trainer, needs_data_init
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.mixin import PEFTMixin
 from lightning_peft.quantization.config import Quantization
+from lightning_peft.export.atomic import check_export_target
 from lightning_peft.export.from_source import check_merged_export_possible
 from lightning_peft.quantization.prepare import check_trainer_compatibility, quantize_for_training
 from lightning_peft.fsdp_wrapping import configure_fsdp1
@@ -53,6 +56,15 @@ class PEFTCallback(Callback):
         quantization: quantize the base model in place at ``setup``, before injection (QLoRA), e.g.
             ``Quantization(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")``. Every
             ``nn.Linear`` except the output head and ``skip_modules`` is converted; norms go to float32.
+        export_untrained: export at ``fit_end`` even when this ``fit`` made no optimizer step (an empty
+            data set, a resume past ``max_steps``). Off by default: such a run would write its untrained
+            (or unchanged) adapter over the trained export of an earlier run; it is skipped with a warning.
+
+    Exports write only their own files into ``export_dir`` (other files there are kept) and replace an earlier
+    export so that the old or the new one is loadable at every instant (see ``export/atomic.py``). An adapter
+    with NaN or inf values is never exported: the run diverged, and ``fit`` ends with an error saying so.
+    With ``export_on="checkpoint"``, ``step-N/`` exports follow the checkpoint callback's retention: an export
+    is removed when the checkpoint of its step is (``save_top_k``).
 
     Example::
 
@@ -68,6 +80,7 @@ class PEFTCallback(Callback):
         export_on: ExportWhen = "fit_end",
         export_merged: bool = False,
         quantization: Optional[Quantization] = None,
+        export_untrained: bool = False,
     ) -> None:
         if not isinstance(method, PEFTMethod):
             raise TypeError(f"method must be a lightning_peft method such as LoRA(...), got {type(method).__name__}")
@@ -81,6 +94,9 @@ class PEFTCallback(Callback):
         self.export_on = export_on
         self.export_merged = export_merged
         self.quantization = quantization
+        self.export_untrained = export_untrained
+        self._steps_at_fit_start: int | None = None
+        self._exported_steps: set[int] = set()
 
     # -- injection --------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -95,6 +111,9 @@ class PEFTCallback(Callback):
                     f"Use save_weights_only=False (adapter-only checkpoints are small anyway) or export_on='fit_end'"
                 )
         check_merged_export(trainer, self.export_merged)
+        if self.export_dir:  # a path that cannot be written fails now, not at fit_end after hours of training
+            for name in ("adapter", "merged") if self.export_merged else ("adapter",):
+                check_export_target(Path(self.export_dir) / name)
         # FSDP1 wraps after setup: give it units that keep adapters apart from the frozen base.
         configure_fsdp1(trainer.strategy)
         if isinstance(pl_module, PEFTMixin):
@@ -127,6 +146,7 @@ class PEFTCallback(Callback):
         rank_zero_info(f"lightning_peft: {type(self.method).__name__} on {len(targets)} modules; {parameter_summary(pl_module)}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._steps_at_fit_start = trainer.global_step  # after a resume: the restored step
         check_optimizers_cover_trainable(trainer, pl_module)
         if needs_data_init(self.method) and trainer.ckpt_path is None:
             # LoRA-GA: from the Trainer's own batches, now that the model is on its device. A resumed run
@@ -145,19 +165,51 @@ class PEFTCallback(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.export_dir and self.export_on in ("checkpoint", "both"):
-            self._export(trainer, pl_module, Path(self.export_dir) / f"step-{trainer.global_step}")
+            step = trainer.global_step
+            # ModelCheckpoint saves twice at one step with save_last=True (the top-k file, then last.ckpt):
+            # the adapter is the same, so it is exported once.
+            if step not in self._exported_steps:
+                self._export(trainer, pl_module, Path(self.export_dir) / f"{STEP_EXPORT_PREFIX}{step}")
+                self._exported_steps.add(step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._prune_step_exports(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prune_step_exports(trainer)  # ModelCheckpoint removes files after saving, here or at batch end
+
+    def _prune_step_exports(self, trainer: pl.Trainer) -> None:
+        if not (self.export_dir and self.export_on in ("checkpoint", "both") and trainer.is_global_zero and self._exported_steps):
+            return
+        kept = retained_checkpoint_steps(trainer)
+        if kept is None:
+            return
+        for step in sorted(self._exported_steps - kept):
+            shutil.rmtree(Path(self.export_dir) / f"{STEP_EXPORT_PREFIX}{step}", ignore_errors=True)
+            self._exported_steps.discard(step)
 
     # -- export -----------------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.export_dir and self.export_on in ("fit_end", "both"):
-            self._export(trainer, pl_module, Path(self.export_dir))
+        self._prune_step_exports(trainer)  # the last checkpoint's save may have removed an older one
+        if not (self.export_dir and self.export_on in ("fit_end", "both")):
+            return
+        if self._steps_at_fit_start is not None and trainer.global_step == self._steps_at_fit_start and not self.export_untrained:
+            rank_zero_warn(
+                f"lightning_peft: not exporting to {Path(self.export_dir) / 'adapter'}: this fit made no optimizer step "
+                f"(global_step stayed {trainer.global_step}: empty training data, or a resume at max_steps), so the "
+                f"adapter is not a result of it and could overwrite a trained export. Pass "
+                f"PEFTCallback(export_untrained=True) to export it anyway"
+            )
+            return
+        self._export(trainer, pl_module, Path(self.export_dir))
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: os.PathLike) -> None:
         from lightning_peft.export.merged import save_merged
         from lightning_peft.export.peft_format import save_adapter
 
         model = self._model(pl_module)
-        # Every rank gathers (ZeRO-3, FSDP: each holds a slice of each adapter tensor); rank 0 writes.
+        # Every rank gathers (ZeRO-3, FSDP: each holds a slice of each adapter tensor); rank 0 writes. A NaN or inf
+        # adapter is refused by the writer (the run diverged): the error ends fit, the earlier export stays.
         with full_adapter_parameters(model):
             if trainer.is_global_zero:
                 save_adapter(model, Path(directory) / "adapter")
@@ -166,7 +218,34 @@ class PEFTCallback(Callback):
         rank_zero_info(f"lightning_peft: exported adapter to {Path(directory) / 'adapter'}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method.to_dict()}
+        return {"method": self.method.to_dict(), "exported_steps": sorted(self._exported_steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A resumed run keeps pruning the step exports of the run it continues.
+        self._exported_steps = set(state_dict.get("exported_steps", ()))
+
+
+STEP_EXPORT_PREFIX = "step-"
+
+
+def retained_checkpoint_steps(trainer: pl.Trainer) -> set[int] | None:
+    """Global steps whose checkpoints the checkpoint callbacks still keep (their top-k files and last), read
+    from the ``step=N`` in the file names (Lightning's default); None when a kept name carries no step (then
+    nothing is pruned: better too many exports than one whose checkpoint still exists)."""
+    steps: set[int] = set()
+    for callback in trainer.checkpoint_callbacks:
+        paths = [*getattr(callback, "best_k_models", {}), getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")]
+        for path in filter(None, paths):
+            found = re.search(r"step=(\d+)", Path(path).name)
+            if found is None:
+                if Path(path).name.startswith("last"):
+                    continue  # last.ckpt is the newest step, which is never pruned below
+                return None
+            steps.add(int(found.group(1)))
+        if getattr(callback, "save_top_k", 1) == -1:
+            return None  # keeps every checkpoint
+    steps.add(trainer.global_step)
+    return steps
 
 
 def check_optimizers_cover_trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -212,3 +212,18 @@ def clean_environment() -> dict[str, str]:
     may have called seed_everything, and a distributed strategy re-seeds from PL_GLOBAL_SEED in its setup while a
     single-device run does not, so the runs would start from different adapters."""
     return {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
+
+
+def run_distributed_script(main) -> None:
+    """Run a distributed test script's ``main`` and then take its process group down explicitly.
+
+    Left to interpreter exit, the gloo process group's threads are torn down in whatever order the runtime
+    picks; now and then a rank then aborted *after* finishing ("terminate called without an active
+    exception", exit -6) and failed a run that had succeeded. torch asks for destroy_process_group() anyway.
+    """
+    import torch.distributed as dist
+
+    main()  # a rank that fails raises here: no barrier that the others would wait at forever
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks to it
+        dist.destroy_process_group()

@@ -217,7 +217,7 @@ def test_export_adapter_at_fit_end_loads_in_peft(tmp_path):
     callback = PEFTCallback(lora(), export_dir=str(tmp_path / "export"))
     make_trainer(tmp_path, callbacks=[callback], max_steps=3).fit(module, token_loader())
     adapter_dir = tmp_path / "export" / "adapter"
-    assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapter_dir.iterdir() if not p.name.startswith(".")) == ["adapter_config.json", "adapter_model.safetensors"]
     expected = logits(module.model)
     assert not torch.allclose(expected, logits(tiny_llama(0)), atol=1e-4)  # the adapters changed something
     reloaded = peft.PeftModel.from_pretrained(tiny_llama(0), str(adapter_dir))
@@ -281,3 +281,59 @@ def test_export_arguments_are_validated_eagerly():
         PEFTCallback(lora(), export_on="epoch")
     with pytest.raises(TypeError, match="LoRA"):
         PEFTCallback({"r": 8})
+
+
+# -- exports that must not destroy a trained result ------------------------------------------------
+def test_a_fit_without_steps_does_not_overwrite_the_trained_export(tmp_path):
+    from lightning_peft import load_adapter
+
+    export = tmp_path / "export"
+    trained = LitCausalLM()
+    make_trainer(tmp_path, callbacks=[PEFTCallback(lora(), export_dir=str(export))], max_steps=3).fit(trained, token_loader())
+    before = {p.name: p.read_bytes() for p in (export / "adapter").iterdir()}
+    rerun = LitCausalLM()  # a rerun on an empty data set: no step, untrained adapters
+    with pytest.warns(UserWarning, match=r"not exporting .*made no optimizer step.*export_untrained=True"):
+        make_trainer(tmp_path, callbacks=[PEFTCallback(lora(), export_dir=str(export))], max_steps=3, limit_train_batches=0).fit(rerun, token_loader())
+    assert {p.name: p.read_bytes() for p in (export / "adapter").iterdir()} == before
+    torch.testing.assert_close(logits(load_adapter(tiny_llama(0), export / "adapter")), logits(trained.model), atol=1e-6, rtol=0)
+    asked = LitCausalLM()
+    callback = PEFTCallback(lora(), export_dir=str(export), export_untrained=True)
+    make_trainer(tmp_path, callbacks=[callback], max_steps=3, limit_train_batches=0).fit(asked, token_loader())
+    assert {p.name: p.read_bytes() for p in (export / "adapter").iterdir()} != before  # asked for explicitly
+
+
+class DivergingLitCausalLM(LitCausalLM):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * float("nan")
+
+
+def test_a_diverged_run_is_not_exported_and_says_so(tmp_path):
+    export = tmp_path / "export"
+    make_trainer(tmp_path, callbacks=[PEFTCallback(lora(), export_dir=str(export))], max_steps=3).fit(LitCausalLM(), token_loader())
+    before = {p.name: p.read_bytes() for p in (export / "adapter").iterdir()}
+    with pytest.raises(ValueError, match=r"non-finite values .*diverged"):
+        make_trainer(tmp_path, callbacks=[PEFTCallback(lora(), export_dir=str(export))], max_steps=3).fit(DivergingLitCausalLM(), token_loader())
+    assert {p.name: p.read_bytes() for p in (export / "adapter").iterdir()} == before
+
+
+def test_an_export_path_that_cannot_work_fails_at_setup_before_training(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "adapter").write_text("a file where the adapter would go")
+    module = LitCausalLM()
+    with pytest.raises(ValueError, match=r"adapter' is a file"):
+        make_trainer(tmp_path, callbacks=[PEFTCallback(lora(), export_dir=str(tmp_path / "export"))], max_steps=3).fit(module, token_loader())
+    assert module.step_losses == {}  # refused before the first step
+    assert (tmp_path / "export" / "adapter").read_text() == "a file where the adapter would go"
+
+
+def test_step_exports_are_written_once_and_follow_save_top_k(tmp_path, monkeypatch):
+    writes = []
+    real_export = PEFTCallback._export
+    monkeypatch.setattr(PEFTCallback, "_export", lambda self, trainer, module, directory: (writes.append(str(directory)), real_export(self, trainer, module, directory)))
+    callback = PEFTCallback(lora(), export_dir=str(tmp_path / "export"), export_on="checkpoint")
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=2, monitor="step", mode="max", save_last=True)
+    make_trainer(tmp_path, callbacks=[callback, saver], max_steps=6, enable_checkpointing=True).fit(LitCausalLM(), token_loader(n_batches=6))
+    assert len(writes) == len(set(writes)) == 6  # save_last=True saves twice per step: one export each
+    kept_checkpoints = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert kept_checkpoints == ["epoch=0-step=5.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["step-5", "step-6"]

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from lightning_peft.export.atomic import atomic_directory, write_adapter_tensors
+from lightning_peft.export.atomic import atomic_directory, recover_interrupted_write, write_adapter_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,6 +91,10 @@ def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     no pickles, valid JSON and safetensors, the tensors match their checksum and are finite, and the config
     agrees with the one recorded when the directory was written."""
     directory = Path(path)
+    try:
+        recover_interrupted_write(directory)  # an export killed after its commit mark: finish it first
+    except OSError as err:  # a read-only copy: read what is in place, and say why it may be behind
+        rank_zero_warn(f"could not finish an interrupted export in {directory} ({err}); reading the files in place")
     if not directory.is_dir():
         raise AdapterFileError(f"adapter path {str(directory)!r} is not a directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_helpers import LitCausalLM, token_batches  # noqa: E402
+from lightning_helpers import LitCausalLM, run_distributed_script, token_batches  # noqa: E402
 from lightning_peft import LoRA, PEFTCallback  # noqa: E402
 
 GLOBAL_BATCH = 4
@@ -89,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_distributed_script(main)

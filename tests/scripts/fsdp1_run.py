@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_helpers import LitCausalLM, LitPEFTCausalLM, token_batches  # noqa: E402
+from lightning_helpers import LitCausalLM, LitPEFTCausalLM, run_distributed_script, token_batches  # noqa: E402
 from lightning_peft import LoRA, PEFTCallback, Quantization  # noqa: E402
 from lightning_peft.quantization import load_quantized, prepare_model_for_kbit_training  # noqa: E402
 
@@ -175,4 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_distributed_script(main)

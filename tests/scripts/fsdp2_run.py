@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_helpers import LitPEFTCausalLM, tiny_llama, token_batches  # noqa: E402
+from lightning_helpers import LitPEFTCausalLM, run_distributed_script, tiny_llama, token_batches  # noqa: E402
 from lightning_peft import LoRA, PEFTCallback, Quantization  # noqa: E402
 
 
@@ -114,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_distributed_script(main)
