@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_peft.core.adapter_layer import adapter_layers
@@ -23,6 +24,7 @@ from lightning_peft.core.injection import injected_method
 from lightning_peft.core.model_lookup import find_model
 from lightning_peft.core.sharding import state_dict_name
 from lightning_peft.methods.base import method_from_dict
+from lightning_peft.rng_state import restore_rng_states, rng_states
 
 CHECKPOINT_KEY = "lightning_peft"
 _HOOK_FLAG = "_lightning_peft_adapter_only_hook"
@@ -53,9 +55,20 @@ def make_state_dict_adapter_only(lightning_module: nn.Module) -> None:
 
 
 def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
-    """What a checkpoint records about its adapters: the method config and the base's fingerprint."""
+    """What a checkpoint records about its adapters: the method config, the base's fingerprint, and the random
+    generators' states (dropout masks after a resume are the uninterrupted run's, see rng_state.py)."""
     method = injected_method(model)
-    return {"method": method.to_dict() if method else None, "base": base_fingerprint(model)}
+    return {"method": method.to_dict() if method else None, "base": base_fingerprint(model), "rng": rng_states()}
+
+
+def restore_training_state(checkpoint: dict[str, Any], lightning_module: nn.Module) -> None:
+    """Restore the random generators when the checkpoint resumes a ``fit`` (not for a test or a predict run,
+    whose randomness the checkpoint should not dictate)."""
+    metadata = checkpoint.get(CHECKPOINT_KEY) or {}
+    trainer = getattr(lightning_module, "_trainer", None)
+    fitting = trainer is not None and getattr(trainer.state, "fn", None) == "fit"
+    if fitting and "rng" in metadata:
+        restore_rng_states(metadata["rng"])
 
 
 def verify_checkpoint(checkpoint: dict[str, Any], lightning_module: nn.Module, model: nn.Module) -> None:
@@ -69,7 +82,7 @@ def verify_checkpoint(checkpoint: dict[str, Any], lightning_module: nn.Module, m
         current = injected_method(model)
         saved = method_from_dict(metadata["method"]) if metadata.get("method") else None
         if saved is not None and current is not None and saved != current:
-            raise ValueError(f"checkpoint was trained with {saved!r} but this model has {current!r}; resume or load it with the same method config")
+            check_method_change(saved, current)
     if "state_dict" not in checkpoint:
         # A sharded (distributed checkpoint) directory: the strategy has already loaded the tensors itself,
         # asking for exactly the keys of the module's state_dict (adapter-only, see make_state_dict_adapter_only),
@@ -82,6 +95,23 @@ def verify_checkpoint(checkpoint: dict[str, Any], lightning_module: nn.Module, m
             f"checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[:3]}); it was saved "
             f"with a different adapter configuration"
         )
+
+
+def check_method_change(saved: Any, current: Any) -> None:
+    """Refuse loading a checkpoint into a model whose method config differs, naming each differing argument;
+    allow, with a warning, the arguments that do not change what the trained tensors mean (dropout)."""
+    if type(saved) is not type(current):
+        raise ValueError(f"checkpoint was trained with {type(saved).__name__}, but this model has {type(current).__name__} adapters; use {type(saved).__name__}")
+    changed = saved.differences(current)
+    refused = {k: v for k, v in changed.items() if k not in type(current).resume_safe_arguments}
+    described = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
+    if refused:
+        raise ValueError(
+            f"checkpoint was trained with another {type(current).__name__} config ({described}); the trained tensors mean "
+            f"something else under the new values: resume or load with the checkpoint's values"
+            + (f" (only {', '.join(type(current).resume_safe_arguments)} may change)" if type(current).resume_safe_arguments else "")
+        )
+    rank_zero_warn(f"resuming {type(current).__name__} with changed {described}: allowed (it changes training, not what the trained tensors mean)")
 
 
 # -- checkpoint hooks for LightningModules that are not a PEFTMixin (the PEFTCallback path) -----------
@@ -110,6 +140,7 @@ class _ModuleCheckpointHook:
             checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(model)
         else:
             verify_checkpoint(checkpoint, self.lightning_module, model)
+            restore_training_state(checkpoint, self.lightning_module)
 
 
 def attach_checkpoint_hooks(lightning_module: nn.Module, model_attr: str | None) -> None:

@@ -25,6 +25,7 @@ It is LightningCLI with these changes:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Optional
 
@@ -39,6 +40,7 @@ import lightning_peft.data  # noqa: F401
 import lightning_peft.methods  # noqa: F401
 import lightning_peft.tasks  # noqa: F401
 from lightning_peft.callback import PEFTCallback
+from lightning_peft.cli_errors import ConfigError, check_config_file, config_paths, summarize
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.progress_bar import step_progress_bar
 
@@ -65,6 +67,8 @@ class PEFTLightningCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         # Re-running a config writes config.yaml again into the same directory; that is not an error.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # Parse errors raise instead of printing the whole usage first: main() reports the cause (cli_errors.py).
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
         super().__init__(*args, **kwargs)
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
@@ -159,13 +163,27 @@ def run_cli(args: Optional[list[str]] = None) -> PEFTLightningCLI:
 
 
 def main(args: Optional[list[str]] = None) -> int:
-    """Entry point of ``lightning-peft``: ``prepare-assets`` or a LightningCLI subcommand."""
+    """Entry point of ``lightning-peft``: ``prepare-assets`` or a LightningCLI subcommand.
+
+    A configuration error exits with status 2 and one message whose first line is the cause (see
+    cli_errors.py); ``LIGHTNING_PEFT_TRACEBACK=1`` shows the full traceback instead.
+    """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "prepare-assets":
         from lightning_peft.assets import main as prepare_assets_main
 
         return prepare_assets_main(argv[1:]) or 0
-    run_cli(args)  # None: LightningCLI reads sys.argv itself (and warns if given both)
+    try:
+        for path in config_paths(argv):
+            check_config_file(path)
+        run_cli(args)  # None: LightningCLI reads sys.argv itself (and warns if given both)
+    except Exception as err:  # noqa: BLE001 - only configuration errors are reported here; the rest re-raise
+        message = str(err) if isinstance(err, ConfigError) else summarize(err)
+        if message is None or os.environ.get("LIGHTNING_PEFT_TRACEBACK"):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        print("(lightning-peft fit --help lists every option; LIGHTNING_PEFT_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

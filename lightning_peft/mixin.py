@@ -30,7 +30,14 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_peft.checkpointing import CHECKPOINT_KEY, adapter_state_names, checkpoint_metadata, make_state_dict_adapter_only, verify_checkpoint
+from lightning_peft.checkpointing import (
+    CHECKPOINT_KEY,
+    adapter_state_names,
+    checkpoint_metadata,
+    make_state_dict_adapter_only,
+    restore_training_state,
+    verify_checkpoint,
+)
 from lightning_peft.core.injection import apply_peft, injected_method, parameter_summary
 from lightning_peft.distributed import adopt_rank0_fingerprint, broadcast_adapters
 from lightning_peft.fsdp_wrapping import configure_fsdp1
@@ -145,6 +152,7 @@ class PEFTMixin:
                 )
             self._apply_peft_method()
         verify_checkpoint(checkpoint, self, self.peft_model)  # type: ignore[arg-type]
+        restore_training_state(checkpoint, self)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Load as usual, but leave the frozen base out of ``missing_keys``: it is absent from adapter-only

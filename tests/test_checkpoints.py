@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import re
+
 import copy
 import os
 import pickle
@@ -23,6 +26,7 @@ from lightning_helpers import (
     trainable_names,
 )
 
+from lightning_peft.rng_state import rng_states
 from lightning_peft import BaseModelMismatchError, LoRA, PEFTCallback
 from lightning_peft.checkpointing import CHECKPOINT_KEY
 from lightning_peft.core.adapter_layer import adapter_layers
@@ -80,7 +84,11 @@ def test_checkpoint_is_a_small_fraction_of_a_full_one(tmp_path):
     full_path = fit_and_checkpoint(tmp_path / "full", LitCausalLM())
     assert len(load(full_path)["state_dict"]) > 20  # the full run really saved the whole model
     peft_size, full_size = os.path.getsize(peft_path), os.path.getsize(full_path)
-    assert peft_size < 0.1 * full_size, (peft_size, full_size)
+    # Both hold the random generators' states (a fixed ~12 KB that a real model's checkpoint does not notice).
+    rng = io.BytesIO()
+    torch.save(rng_states(), rng)
+    assert rng.tell() < 16_000
+    assert peft_size < 0.1 * full_size + rng.tell(), (peft_size, full_size, rng.tell())
 
 
 # -- resume -------------------------------------------------------------------------------------------
@@ -102,6 +110,26 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     final = dict(uninterrupted.named_parameters())
     for name, param in resumed.named_parameters():
         torch.testing.assert_close(param, final[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_with_dropout_draws_the_uninterrupted_runs_masks(tmp_path):
+    # The checkpoint at step 3 is an epoch boundary (3 batches): only the random generators can differ.
+    dropout = lora(dropout=0.3)
+    uninterrupted = LitCausalLM(seed=0)
+    make_trainer(tmp_path / "a", callbacks=[PEFTCallback(dropout)], max_steps=6).fit(uninterrupted, token_loader())
+    ckpt = fit_and_checkpoint(tmp_path / "b", LitCausalLM(seed=0), [PEFTCallback(dropout)], steps=3)
+    torch.manual_seed(999)  # whatever the generators hold before the resume, the checkpoint's states win
+    resumed = LitCausalLM(seed=0)
+    make_trainer(tmp_path / "c", callbacks=[PEFTCallback(dropout)], max_steps=6).fit(resumed, token_loader(), ckpt_path=ckpt)
+    assert {s: resumed.step_losses[s] for s in (4, 5, 6)} == {s: uninterrupted.step_losses[s] for s in (4, 5, 6)}  # bitwise
+    final = dict(uninterrupted.named_parameters())
+    assert all(torch.equal(param, final[name]) for name, param in resumed.named_parameters())
+
+
+def test_our_checkpoints_load_with_weights_only(tmp_path):
+    ckpt = fit_and_checkpoint(tmp_path, LitCausalLM(), [PEFTCallback(lora(dropout=0.1))])
+    loaded = torch.load(ckpt, weights_only=True)  # no pickled code: what Lightning's own loading allows
+    assert set(loaded["lightning_peft"]) == {"method", "base", "rng"} and torch.is_tensor(loaded["lightning_peft"]["rng"]["torch"])
 
 
 def test_mixin_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -236,12 +264,27 @@ def test_load_from_checkpoint_warns_when_parallelize_ran_before_injection(tmp_pa
     torch.testing.assert_close(logits(loaded.model), logits(module.model), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("changed", [dict(r=8), dict(alpha=32), dict(target_modules=["q_proj"])], ids=["r", "alpha", "fewer-targets"])
-def test_resume_with_another_method_config_is_refused(tmp_path, changed):
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [(dict(r=8), "r: checkpoint 4, now 8"), (dict(alpha=32), "alpha: checkpoint 8.0, now 32.0"),
+     (dict(target_modules=["q_proj"]), "target_modules: checkpoint ['q_proj', 'v_proj'], now ['q_proj']"),
+     (dict(r=8, dropout=0.1), "dropout: checkpoint 0.0, now 0.1; r: checkpoint 4, now 8")],
+    ids=["r", "alpha", "fewer-targets", "r-and-dropout"],
+)  # fmt: skip
+def test_resume_with_another_method_config_is_refused_naming_the_fields(tmp_path, changed, named):
     ckpt = fit_and_checkpoint(tmp_path, LitCausalLM(), [PEFTCallback(lora())])
     trainer = make_trainer(tmp_path / "resume", callbacks=[PEFTCallback(lora(**changed))], max_steps=6)
-    with pytest.raises(ValueError, match=r"checkpoint was trained with LoRA\(r=4, alpha=8.0.*but this model has LoRA"):
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint was trained with another LoRA config ({named})")):
         trainer.fit(LitCausalLM(), token_loader(), ckpt_path=ckpt)
+
+
+def test_resume_with_another_dropout_is_allowed_with_a_warning(tmp_path):
+    ckpt = fit_and_checkpoint(tmp_path, LitCausalLM(), [PEFTCallback(lora())])
+    module = LitCausalLM()
+    trainer = make_trainer(tmp_path / "resume", callbacks=[PEFTCallback(lora(dropout=0.1))], max_steps=4)
+    with pytest.warns(UserWarning, match=r"resuming LoRA with changed dropout: checkpoint 0.0, now 0.1: allowed"):
+        trainer.fit(module, token_loader(), ckpt_path=ckpt)
+    assert trainer.global_step == 4
 
 
 def test_plain_torch_model_checkpoint_resumes_and_refuses_another_base(tmp_path):
@@ -255,3 +298,21 @@ def test_plain_torch_model_checkpoint_resumes_and_refuses_another_base(tmp_path)
     assert sorted(resumed.step_losses) == [3]
     with pytest.raises(BaseModelMismatchError, match=r"net\.0\.weight holds different values"):
         make_trainer(tmp_path / "bad", callbacks=[PEFTCallback(method)], max_steps=3).fit(LitMLP(seed=1), mlp_loader(), ckpt_path=ckpt)
+
+
+def test_rng_states_round_trip_every_generator_through_a_weights_only_load():
+    import random
+
+    import numpy as np
+
+    from lightning_peft.rng_state import restore_rng_states
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    buffer = io.BytesIO()
+    torch.save(rng_states(), buffer)
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    buffer.seek(0)
+    restore_rng_states(torch.load(buffer, weights_only=True))
+    got = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])

@@ -237,21 +237,61 @@ def test_config_runs(config: Path, assets_dir: Path, tmp_path: Path, monkeypatch
 def test_typo_in_yaml_names_the_key(typo: str, bad_key: str, tmp_path: Path, capsys):
     typo_file = tmp_path / "typo.yaml"
     typo_file.write_text(typo)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(LORA_CONFIG), "--config", str(typo_file)])
-    assert exit_info.value.code == 2
+    assert main(["fit", "--config", str(LORA_CONFIG), "--config", str(typo_file)]) == 2
     err = capsys.readouterr().err
-    error_lines = err[err.index("error:"):]
-    assert bad_key in error_lines, error_lines
-    assert "Traceback" not in err
+    first = err.strip().splitlines()[0]
+    assert first.startswith("error: ") and bad_key in first, err  # the first line is the cause
+    assert "Traceback" not in err and "usage:" not in err
 
 
 def test_unknown_method_class_is_named(tmp_path: Path, capsys):
     typo_file = tmp_path / "typo.yaml"
     typo_file.write_text("peft:\n  method:\n    class_path: lightning_peft.LoRAA\n")
+    assert main(["fit", "--config", str(LORA_CONFIG), "--config", str(typo_file)]) == 2
+    first = capsys.readouterr().err.strip().splitlines()[0]
+    assert first.startswith("error: ") and "class_path 'lightning_peft.LoRAA' does not exist; the methods are lightning_peft." in first
+    assert "lightning_peft.LoRA," in first and "PEFTMethod" not in first
+
+
+def test_an_unknown_method_argument_lists_the_accepted_ones(tmp_path: Path, capsys):
+    typo_file = tmp_path / "typo.yaml"
+    typo_file.write_text("peft:\n  method:\n    init_args:\n      rr: 8\n")
+    assert main(["fit", "--config", str(LORA_CONFIG), "--config", str(typo_file)]) == 2
+    first = capsys.readouterr().err.strip().splitlines()[0]
+    assert first == (
+        "error: peft.method: Option 'rr' is not accepted. LoRA takes: r, alpha, dropout, target_modules, exclude_modules, "
+        "modules_to_save, rslora, init, svd_niter, init_batches, lora_ga_gamma"
+    )
+
+
+def test_a_bad_value_is_one_line_with_the_methods_own_message(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("peft:\n  method:\n    init_args:\n      r: 0\n")
+    assert main(["fit", "--config", str(LORA_CONFIG), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[0] == "error: LoRA rank r must be a positive integer, got r=0" and "Traceback" not in err
+
+
+def test_a_repeated_key_is_refused_with_both_lines(tmp_path: Path, capsys):
+    config = tmp_path / "twice.yaml"
+    text = LORA_CONFIG.read_text().replace("peft:\n", "peft:\n  method:\n    class_path: lightning_peft.IA3\n", 1)
+    config.write_text(text)
+    first_line = text.splitlines().index("  method:") + 1
+    second_line = [i for i, line in enumerate(text.splitlines(), 1) if line == "  method:"][1]
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[0]
+    assert err == (
+        f"error: {config}:{second_line}: key 'method' appears twice in one mapping (first on line {first_line}); YAML would "
+        "silently keep only the second. Keep one of them"
+    )
+
+
+def test_help_lists_only_methods_that_can_be_used(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(LORA_CONFIG), "--config", str(typo_file)])
-    assert "lightning_peft.LoRAA" in capsys.readouterr().err
+        main(["fit", "--help"])
+    listed = " ".join(capsys.readouterr().out.split())
+    assert "lightning_peft.LoRA," in listed and "lightning_peft.PromptTuning" in listed
+    assert "lightning_peft.PEFTMethod" not in listed and "VirtualTokenMethod" not in listed
 
 
 # ------------------------------------------------------------------------------------------------

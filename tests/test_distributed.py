@@ -57,6 +57,19 @@ class SaveTrainable(L.Callback):
         self._save(trainer, pl_module, "end")
 
 
+class DestroyProcessGroupAtTeardown(L.Callback):
+    """Each spawned rank takes its gloo process group down itself: left to the exit of the worker process,
+    its threads are torn down in any order and a rank now and then aborted after a successful run
+    ("terminate called without an active exception", SIGABRT)."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def train(tmp_path: Path, devices: int, method: Any, quantization: Quantization | None = None) -> dict[str, dict[str, torch.Tensor]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"trainable-{devices}"
@@ -69,7 +82,7 @@ def train(tmp_path: Path, devices: int, method: Any, quantization: Quantization 
         strategy="ddp_spawn",
         max_steps=STEPS,
         use_distributed_sampler=False,  # ShardedLM shards itself
-        callbacks=[SeedAtSetup(), PEFTCallback(method, quantization=quantization), SaveTrainable(path)],
+        callbacks=[SeedAtSetup(), PEFTCallback(method, quantization=quantization), SaveTrainable(path), DestroyProcessGroupAtTeardown()],
     )
     trainer.fit(ShardedLM())
     return {when: torch.load(f"{path}.{when}") for when in ("start", "end")}

@@ -40,3 +40,26 @@ def test_ci_runs_the_readme_test_command_in_fresh_environments():
     run = (ROOT / ".ci" / "run").read_text()
     assert "python3 -m venv" in run and "grep -m1 -E '^pip install .*\\[test\\].*pytest' README.md" in run
     assert "-c .ci/constraints-lowest.txt" in run and "--expect .ci/constraints-lowest.txt" in run
+
+
+def test_plain_lora_never_imports_bitsandbytes():
+    # bitsandbytes prints start-up messages on import (0.50: "Failed to load CPU gemm_4bit_forward from
+    # kernels-community"): a run that quantizes nothing must not load it.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from tiny_models import tiny_llama\n"
+        "from lightning_peft import LoRA, apply_peft, save_adapter, load_adapter, merge_adapters\n"
+        "from lightning_peft.cli import PEFTLightningCLI\n"
+        "import tempfile\n"
+        "model = tiny_llama(0); apply_peft(model, LoRA(r=2, target_modules='all-linear'))\n"
+        "path = tempfile.mkdtemp() + '/adapter'; save_adapter(model, path); load_adapter(tiny_llama(0), path)\n"
+        "merge_adapters(model)\n"
+        "print('bitsandbytes' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert "kernels-community" not in done.stderr

@@ -36,11 +36,12 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import sys
 from typing import Literal
 
 import torch
 from torch import nn
+
+from lightning_peft.core.kbit_layers import four_bit_linear_type
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,8 @@ def is_packed(layer: nn.Module) -> bool:
 
 
 def four_bit_layers(model: nn.Module) -> list[nn.Module]:
-    # A model can hold a Linear4bit only if bitsandbytes was imported: plain LoRA never imports it here.
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is None:
-        return []
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    four_bit = four_bit_linear_type()  # without importing bitsandbytes (see kbit_layers.py)
+    return [] if four_bit is None else [m for m in model.modules() if isinstance(m, four_bit)]
 
 
 def dequantize_4bit_exact(codes: torch.Tensor, state) -> torch.Tensor:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from lightning_peft.core.kbit_layers import kbit_linear_types
+
 from lightning_peft.core.adapter_layer import AdapterLayer
 
 ALL_LINEAR = "all-linear"
@@ -47,14 +49,7 @@ def linear_types() -> tuple[type, ...]:
     """Module types that count as linear layers, including optional backends when installed."""
     from transformers.pytorch_utils import Conv1D
 
-    types: list[type] = [nn.Linear, Conv1D]
-    try:  # bitsandbytes is optional at import time: a CPU-only user may never quantize.
-        import bitsandbytes as bnb
-
-        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except Exception:  # noqa: BLE001 - a broken bitsandbytes install must not break plain LoRA
-        pass
-    return tuple(types)
+    return (nn.Linear, Conv1D, *kbit_linear_types())
 
 
 def output_head_names(model: nn.Module) -> set[str]:

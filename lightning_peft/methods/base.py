@@ -8,10 +8,12 @@ rebuild the adapters) without a second, hand-kept list of fields.
 
 from __future__ import annotations
 
+import abc
+
 import importlib
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -19,8 +21,8 @@ from lightning_peft.core.adapter_layer import AdapterLayer
 from lightning_peft.core.targets import TargetSpec, find_targets
 
 
-class PEFTMethod:
-    """Base class of method configs.
+class PEFTMethod(abc.ABC):
+    """Base class of method configs (abstract: ``lightning-peft fit --help`` lists only usable methods).
 
     Args:
         target_modules: module names (suffix match), a full-name regex, ``"all-linear"``, or ``None`` for
@@ -51,8 +53,9 @@ class PEFTMethod:
             raise ValueError("target_modules=[] selects nothing; give names, a regex, 'all-linear' or None")
 
     # -- what a method implements -----------------------------------------------------------------
+    @abc.abstractmethod
     def supports(self, module: nn.Module) -> bool:
-        raise NotImplementedError
+        """Whether this method can adapt ``module`` (a target's type and shape)."""
 
     def wrap(self, name: str, module: nn.Module) -> AdapterLayer:
         """Return the adapter layer that replaces ``module`` (named ``name`` in the model)."""
@@ -101,6 +104,15 @@ class PEFTMethod:
             method_name=type(self).__name__,
             supported_description=self.supported_description,
         )
+
+    #: Arguments a resumed run may change from the checkpoint's: they change how training proceeds, not what
+    #: the trained tensors mean (dropout). Any other difference is refused on resume.
+    resume_safe_arguments: ClassVar[tuple[str, ...]] = ()
+
+    def differences(self, other: PEFTMethod) -> dict[str, tuple[Any, Any]]:
+        """``{argument: (this value, other's value)}`` for every init argument the two methods disagree on."""
+        mine, theirs = self.init_args(), other.init_args()
+        return {k: (mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
 
     def init_args(self) -> dict[str, Any]:
         params = inspect.signature(type(self).__init__).parameters

@@ -84,6 +84,8 @@ class LoRA(PEFTMethod):
         2.0
     """
 
+    resume_safe_arguments = ("dropout",)
+
     name = "lora"
     supported_inits: tuple[str, ...] = INITS
     supported_description = "nn.Linear, transformers Conv1D, nn.Embedding and bitsandbytes Linear4bit/Linear8bitLt"

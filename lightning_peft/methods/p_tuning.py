@@ -64,6 +64,8 @@ class PTuning(VirtualTokenMethod):
         PromptTuning(num_virtual_tokens=8, init='random', init_text=None, tokenizer=None, modules_to_save=[])
     """
 
+    resume_safe_arguments = ("encoder_dropout",)
+
     name = "p_tuning"
     peft_type = "P_TUNING"
 

@@ -30,6 +30,8 @@ scores that token too; its logits are the same as ours.)
 
 from __future__ import annotations
 
+import abc
+
 import inspect
 from typing import Any, get_args
 
@@ -246,6 +248,7 @@ class VirtualTokenMethod(PEFTMethod):
         self.build(model, geometry).attach(model)
         return [ATTRIBUTE]
 
+    @abc.abstractmethod
     def build(self, model: nn.Module, geometry: ModelGeometry) -> VirtualTokens:
         """The module holding this method's virtual tokens, initialised (the model is there to read)."""
         raise NotImplementedError

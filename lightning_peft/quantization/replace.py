@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.injection import _set_submodule
+from lightning_peft.core.kbit_layers import is_kbit_linear, kbit_linear_types
 from lightning_peft.core.targets import _name_matches, output_head_names
 from lightning_peft.quantization.backend import check_backend, import_bitsandbytes
 from lightning_peft.quantization.config import Quantization
@@ -53,19 +54,9 @@ def release_host_memory() -> None:
         trim(0)
 
 
-def quantized_types() -> tuple[type, ...]:
-    """bitsandbytes' k-bit linear classes, or ``()`` when bitsandbytes is unavailable."""
-    try:
-        import bitsandbytes as bnb
-
-        return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    except Exception:  # noqa: BLE001 - without bitsandbytes nothing can be quantized
-        return ()
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    types = quantized_types()
-    return bool(types) and isinstance(module, types)
+# One definition of "a k-bit layer", which never imports bitsandbytes (see core/kbit_layers.py).
+quantized_types = kbit_linear_types
+is_quantized_linear = is_kbit_linear
 
 
 def quantized_linear(weight: torch.Tensor, bias: nn.Parameter | torch.Tensor | None, config: Quantization, device: torch.device | str) -> nn.Module:
