@@ -12,7 +12,8 @@ All three take the tokenizer as a name or path (``AutoTokenizer.from_pretrained`
 can be built from YAML by jsonargparse, read and tokenize in :meth:`setup` (not ``__init__``, so
 that building a config never touches the disk), and yield batches as dicts of tensors
 (``input_ids``, ``attention_mask``, ``labels``) ready for a Hugging Face model's ``forward``.
-Tokenization is deterministic; only the training loader shuffles, seeded by Lightning.
+Tokenization is deterministic; only the training loader shuffles, from Lightning's seed and the epoch, and it
+resumes mid-epoch from a checkpoint (:mod:`lightning_peft.resumable_sampler`).
 
 The default files come from ``lightning-peft prepare-assets`` (see :mod:`lightning_peft.assets`).
 """
@@ -29,6 +30,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_peft.resumable_sampler import ResumableDataLoader, resume_position
 from typing_extensions import override
 
 # The label value every Hugging Face loss (and torch's cross_entropy) ignores.
@@ -67,6 +70,10 @@ def pad_collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, 
     return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
+def _training_position(datamodule: LightningDataModule) -> dict[str, int]:
+    return resume_position(getattr(datamodule, "trainer", None))
+
+
 def _require_file(path: str, what: str) -> Path:
     p = Path(path)
     if not p.is_file():
@@ -97,6 +104,8 @@ class _TokenizedDataModule(LightningDataModule):
         self._tokenizer = None
         self.train_dataset: Optional[_ListDataset] = None
         self.val_dataset: Optional[_ListDataset] = None
+        # The training order's seed: Lightning's (seed_everything) at construction; a checkpoint restores it.
+        self.shuffle_seed = torch.initial_seed() % 2**31
 
     @property
     def tokenizer(self):
@@ -142,10 +151,12 @@ class _TokenizedDataModule(LightningDataModule):
     def _loader(self, dataset: Optional[_ListDataset], shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            seed=self.shuffle_seed,
+            position=partial(_training_position, self),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=partial(pad_collate, pad_token_id=self.pad_token_id),  # a partial pickles for workers

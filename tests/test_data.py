@@ -359,3 +359,54 @@ def test_data_modules_build_from_class_path_config(cls, tmp_path):
     assert isinstance(dm, cls) and dm.batch_size == 3
     assert dm.hparams["train_file"] == "train.x"  # saved for checkpoints; nothing was read yet
     assert dm.train_dataset is None
+
+
+# ------------------------------------------------------------------------------------------------
+# mid-epoch resume: the batches after a resume are the uninterrupted run's
+# ------------------------------------------------------------------------------------------------
+class _RecordBatches(__import__("lightning.pytorch", fromlist=["LightningModule"]).LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[list[int]]] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.seen[self.global_step + 1] = batch["input_ids"].tolist()
+        return (self.weight * batch["input_ids"].float().mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(tmp_path, datamodule, max_steps, ckpt_path=None, every=None):
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = _RecordBatches()
+    callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)] if every else []
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=bool(every), callbacks=callbacks, limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return module.seen
+
+
+@pytest.mark.parametrize("stop", [2, 4, 5, 7], ids=["mid-epoch-1", "mid-epoch-2", "epoch-end", "next-epoch"])
+def test_resume_continues_with_the_uninterrupted_runs_batches(tmp_path, make_tokenizer, stop, recwarn):
+    train_file = tmp_path / "t.txt"
+    train_file.write_text(" ".join(f"w{i % 20}" for i in range(44)))  # 11 blocks of 4: 10 for training, 5 batches
+    def data():
+        return TextFileDataModule(make_tokenizer(), str(train_file), val_fraction=0.1, block_size=4, batch_size=2)
+
+    import lightning.pytorch as L
+
+    L.seed_everything(7)
+    uninterrupted = _fit(tmp_path / "a", data(), max_steps=12)
+    assert len({str(uninterrupted[s]) for s in range(1, 6)}) == 5 and uninterrupted[1] != uninterrupted[6]  # shuffled per epoch
+    L.seed_everything(7)
+    _fit(tmp_path / "b", data(), max_steps=stop, every=stop)
+    L.seed_everything(123)  # another seed before the resume: the checkpoint's order wins
+    resumed = _fit(tmp_path / "c", data(), max_steps=12, ckpt_path=str(tmp_path / "b" / "ckpt" / f"epoch={(stop - 1) // 5}-step={stop}.ckpt"))
+    assert resumed == {s: uninterrupted[s] for s in range(stop + 1, 13)}
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]

@@ -1,0 +1,108 @@
+"""A shuffling data loader that resumes mid-epoch, so a run killed between checkpoints continues with the batches
+the uninterrupted run would have seen.
+
+Lightning restores the step and epoch counters from a checkpoint but not a plain ``DataLoader``'s position:
+a resume mid-epoch replays the epoch from its first batch (warning "your dataloader is not resumable"), and
+every shipped config stops mid-epoch (``max_steps``). The permutation of each epoch here comes from
+``(seed, epoch)`` alone, not from the global generator at the moment iteration starts, and the loader's
+``state_dict`` (which Lightning stores in the checkpoint for loaders that have one) records how many batches
+of the current epoch the loop has *processed*: Lightning's own count, which its one-batch prefetch does not
+run ahead of (a count of the batches the loader handed out would be one too many). On resume the sampler
+skips those batches' indices once, without loading them.
+
+One process: under a distributed sampler (Lightning replaces this one when several processes train), a
+mid-epoch resume restarts the epoch, as with any loader, and says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Indices ``0..n-1``, shuffled per epoch from ``seed + epoch`` (or in order), skipping a resumed prefix.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch, as for ``DistributedSampler``.
+    """
+
+    def __init__(self, length: int, shuffle: bool, seed: int) -> None:
+        self.length = length
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.epoch = 0
+        self.skip = 0  # indices of epoch `skip_epoch` to leave out (the done part of a resumed epoch)
+        self.skip_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if epoch != self.skip_epoch:
+            self.skip = 0  # the resumed epoch is over
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.length))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.length, generator=generator).tolist()
+
+    def resume_at(self, epoch: int, indices_done: int) -> None:
+        """Leave out the first ``indices_done`` indices of ``epoch``'s order the next time it is iterated."""
+        self.epoch, self.skip_epoch = epoch, epoch
+        self.skip = indices_done if indices_done < self.length else 0  # a finished epoch: the next starts whole
+
+    def __iter__(self) -> Iterator[int]:
+        # Lightning may start an iterator more than once for the same epoch (setup_data, then the fetcher):
+        # the resumed epoch's skip holds until set_epoch moves on.
+        skip = self.skip if self.epoch == self.skip_epoch else 0
+        return iter(self.order(self.epoch)[skip:])
+
+    def __len__(self) -> int:
+        # The whole epoch: Lightning sizes the epoch from this and counts the resumed part as done itself.
+        return self.length
+
+
+def resume_position(trainer: Any) -> dict[str, int]:
+    """Where the training loop is: its epoch and the batches of that epoch it has processed (0 and 0 outside
+    a ``fit``)."""
+    if trainer is None or getattr(trainer.state, "fn", None) != "fit":
+        return {"epoch": 0, "batches": 0}
+    loop = trainer.fit_loop.epoch_loop
+    return {"epoch": int(trainer.current_epoch), "batches": int(loop.batch_progress.current.processed)}
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` whose position survives a checkpoint.
+
+    ``position``: returns ``{"epoch", "batches"}`` of the training loop (:func:`resume_position` of the trainer).
+    Every other keyword goes to ``DataLoader``; a ``sampler`` passed in (Lightning's distributed one) replaces
+    ours, and then a resume restarts the epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        position: Callable[[], dict[str, int]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("sampler", ResumableSampler(len(dataset), shuffle=shuffle, seed=seed))  # type: ignore[arg-type]
+        super().__init__(dataset, batch_size=batch_size, **kwargs)
+        self.shuffle, self.seed, self.position = shuffle, seed, position
+
+    def state_dict(self) -> dict[str, Any]:
+        where = self.position() if self.position is not None else {"epoch": 0, "batches": 0}
+        return {"seed": self.seed, **where}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(self.sampler, ResumableSampler):
+            if state.get("batches"):
+                rank_zero_warn(f"resuming mid-epoch with {type(self.sampler).__name__} (several processes): the epoch restarts")
+            return
+        self.seed = self.sampler.seed = int(state["seed"])
+        self.sampler.resume_at(int(state["epoch"]), int(state["batches"]) * int(self.batch_size or 1))
