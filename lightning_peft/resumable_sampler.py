@@ -92,6 +92,10 @@ class ResumableDataLoader(DataLoader):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("sampler", ResumableSampler(len(dataset), shuffle=shuffle, seed=seed))  # type: ignore[arg-type]
+        # Every new iterator draws its workers' base seed from this generator; without one it draws from the
+        # global generator, so a resumed run (which starts an iterator where the uninterrupted one did not)
+        # would shift every later dropout mask.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
         super().__init__(dataset, batch_size=batch_size, **kwargs)
         self.shuffle, self.seed, self.position = shuffle, seed, position
 

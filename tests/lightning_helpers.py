@@ -227,3 +227,16 @@ def run_distributed_script(main) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
+
+
+class DestroyProcessGroupAtTeardown(L.Callback):
+    """Each spawned rank takes its gloo process group down itself: left to the exit of the worker process,
+    its threads are torn down in any order and a rank now and then aborted after a successful run
+    ("terminate called without an active exception", SIGABRT)."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_helpers import DestroyProcessGroupAtTeardown
 from lightning_helpers import LitCausalLM, make_trainer, token_batches
 from lightning_peft import IA3, Adapter, DoRA, LoRA, PEFTCallback, PrefixTuning, Quantization
 from lightning_peft.distributed import broadcast_adapters
@@ -55,19 +56,6 @@ class SaveTrainable(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, pl_module, "end")
-
-
-class DestroyProcessGroupAtTeardown(L.Callback):
-    """Each spawned rank takes its gloo process group down itself: left to the exit of the worker process,
-    its threads are torn down in any order and a rank now and then aborted after a successful run
-    ("terminate called without an active exception", SIGABRT)."""
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def train(tmp_path: Path, devices: int, method: Any, quantization: Quantization | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -132,7 +120,7 @@ def test_injection_broadcasts_rank_zero_adapters(tmp_path):
     method = LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init="gaussian")  # A and B both random
     trainer = make_trainer(
         tmp_path, devices=2, strategy="ddp_spawn", max_steps=1, use_distributed_sampler=False,
-        callbacks=[_DifferentSeedOnEachRank(), PEFTCallback(method), _SameAdaptersBeforeWrapping()],
+        callbacks=[_DifferentSeedOnEachRank(), PEFTCallback(method), _SameAdaptersBeforeWrapping(), DestroyProcessGroupAtTeardown()],
     )  # fmt: skip
     trainer.fit(ShardedLM())
 

@@ -18,6 +18,7 @@ from lightning_peft.export.merged import save_merged
 from lightning_peft.methods.lora_ga import estimate_weight_gradients
 from lightning_peft.methods.lora_init import lora_ga_factors
 from lightning_peft.quantization import quantize_model
+from lightning_helpers import DestroyProcessGroupAtTeardown
 from lightning_helpers import LitCausalLM, make_trainer, token_batches, token_loader
 from lightning_helpers import tiny_llama as lightning_tiny_llama
 from nf4_reference import reference_dequantize
@@ -296,6 +297,6 @@ class _SameInitOnEveryRank(__import__("lightning").pytorch.Callback):
 def test_lora_ga_is_identical_on_every_ddp_rank(tmp_path):
     method = LoRA(r=2, alpha=4, target_modules=QV, init="lora_ga", init_batches=2)
     trainer = make_trainer(
-        tmp_path, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[PEFTCallback(method), _SameInitOnEveryRank()]
+        tmp_path, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[PEFTCallback(method), _SameInitOnEveryRank(), DestroyProcessGroupAtTeardown()]
     )
     trainer.fit(LitCausalLM(), train_dataloaders=token_loader(n_batches=4))

@@ -221,6 +221,13 @@ def test_modules_to_save_matching_nothing_is_an_error():
 
 
 def test_method_base_class_is_abstract():
-    # The shared machinery calls supports(); a method that forgot it must fail loudly, not match nothing.
-    with pytest.raises(NotImplementedError):
-        apply_peft(tiny_llama(), PEFTMethod(target_modules=["q_proj"]))
+    # The shared machinery calls supports(); a method that forgot it cannot even be built (and the CLI's
+    # --help does not offer it).
+    with pytest.raises(TypeError, match="abstract method supports"):
+        PEFTMethod(target_modules=["q_proj"])
+
+    class Forgetful(PEFTMethod):
+        pass
+
+    with pytest.raises(TypeError, match="abstract method supports"):
+        Forgetful()

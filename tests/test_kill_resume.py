@@ -1,0 +1,75 @@
+"""Hard kills: a training process that checkpoints every step is SIGKILLed after a step (before its
+checkpoint) or in the middle of writing a checkpoint; resuming from the last checkpoint on disk gives
+bitwise the uninterrupted run's losses and adapters (dropout masks, data order mid-epoch, optimizer state).
+
+Each kill point is a separate process (tests/scripts/kill_resume_run.py). Together with the export kill
+points of tests/test_export_writes.py these are the suite's kill-and-resume checks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_helpers import clean_environment
+
+SCRIPT = Path(__file__).parent / "scripts" / "kill_resume_run.py"
+
+
+def run(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=600, env=clean_environment())
+
+
+def losses(out: Path) -> dict[int, float]:
+    recorded: dict[int, float] = {}
+    for line in (out / "losses.json").read_text().splitlines():
+        entry = json.loads(line)
+        recorded[entry["step"]] = entry["loss"]  # a resumed step overwrites nothing: it is the next step
+    return recorded
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, tuple[dict[int, float], dict[str, torch.Tensor]]]:
+    results = {}
+    for method in ("lora", "houlsby", "ia3", "prompt"):
+        out = tmp_path_factory.mktemp(f"whole-{method}")
+        done = run(out, "--method", method)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[method] = (losses(out), load_file(out / "adapter.safetensors"))
+    return results
+
+
+def resume_arguments(out: Path) -> list[str]:
+    """What a user resumes from after a crash: last.ckpt (Lightning writes it through a temporary file and a
+    rename, so a kill mid-write leaves the previous one), or a fresh start when none was written yet."""
+    last = out / "ckpt" / "last.ckpt"
+    if not last.exists():
+        (out / "losses.json").unlink()
+        return []
+    torch.load(last, weights_only=True)  # loads: not torn
+    return ["--resume", str(last)]
+
+
+KILLS = [("lora", "step", k) for k in (1, 2, 3, 4, 6, 7)] + [("lora", "checkpoint", k) for k in (2, 3, 5)] + [
+    ("houlsby", "step", 4), ("ia3", "checkpoint", 4), ("prompt", "step", 5)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "where", "step"), KILLS, ids=[f"{m}-{w}-{s}" for m, w, s in KILLS])
+def test_a_killed_run_resumes_to_the_same_losses_and_adapters(tmp_path, uninterrupted, method, where, step):
+    done = run(tmp_path, "--method", method, "--kill-at-step", str(step), "--kill-in", where)
+    assert done.returncode == -9, (done.returncode, done.stderr[-3000:])
+    before = losses(tmp_path)
+    assert max(before) == step
+    resumed = run(tmp_path, "--method", method, *resume_arguments(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole_losses, whole_adapter = uninterrupted[method]
+    assert losses(tmp_path) == whole_losses  # every step, bitwise (steps redone after the kill replace theirs)
+    adapter = load_file(tmp_path / "adapter.safetensors")
+    assert adapter.keys() == whole_adapter.keys() and all(torch.equal(adapter[k], whole_adapter[k]) for k in adapter)
