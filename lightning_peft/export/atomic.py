@@ -200,7 +200,9 @@ def write_adapter_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata
     try:
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, file, metadata=metadata)
     except SafetensorError as err:  # its I/O failures (disk full, file too large) are not OSErrors
-        code = re.search(r"os error (\d+)", str(err))
+        # "... (os error 27)" in safetensors 0.5+, "IoError(Os { code: 27, ... })" in 0.4.
+        code = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(err))
         if code is None:
             raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(file)) from err
+        number = int(code.group(1) or code.group(2))
+        raise OSError(number, os.strerror(number), str(file)) from err
