@@ -33,6 +33,7 @@ from lightning_peft.mixin import PEFTMixin
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.export.atomic import check_export_target
 from lightning_peft.export.from_source import check_merged_export_possible
+from lightning_peft.merge import check_mergeable
 from lightning_peft.quantization.prepare import check_trainer_compatibility, quantize_for_training
 from lightning_peft.fsdp_wrapping import configure_fsdp1
 from lightning_peft.strategy_checks import check_merged_export, check_strategy
@@ -136,6 +137,8 @@ class PEFTCallback(Callback):
             if self.export_merged:
                 check_merged_export_possible(model)
         targets = apply_peft(model, self.method)
+        if self.export_merged:
+            check_mergeable(model)  # a prompt method or a bottleneck adapter: refuse now, not at fit_end
         broadcast_adapters(model)  # every rank starts from rank 0's adapter (FSDP2 does not broadcast)
         adopt_rank0_fingerprint(model)
         make_state_dict_adapter_only(pl_module)
@@ -154,6 +157,7 @@ class PEFTCallback(Callback):
             initialise_from_trainer(trainer, pl_module, self._model(pl_module), self.method)
         if self.export_merged and isinstance(pl_module, PEFTMixin) and pl_module.peft_model is not None:
             check_merged_export_possible(pl_module.peft_model)  # the model exists now; fail before training
+            check_mergeable(pl_module.peft_model)
 
     # -- checkpoints ------------------------------------------------------------------------------
     # Checkpoint metadata and verification are not done here: Callback hooks miss weights-only saves and

@@ -51,6 +51,11 @@ def _refuse_tied_weights(model: nn.Module, layers: list[tuple[str, AdapterLayer]
             )
 
 
+def check_mergeable(model: nn.Module) -> None:
+    """Raise (naming the adapters) if ``model``'s adapters cannot be merged, e.g. before asking for a merged export."""
+    _refuse_unmergeable(list(adapter_modules(model)))
+
+
 def _refuse_unmergeable(layers: list[tuple[str, AdapterModule]]) -> None:
     """Raise if an adapter adds computation that no base weight can absorb (bottleneck adapters and
     Compacter add a small network after a layer; its non-linearity has no weight-space equivalent;

@@ -337,3 +337,13 @@ def test_step_exports_are_written_once_and_follow_save_top_k(tmp_path, monkeypat
     kept_checkpoints = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert kept_checkpoints == ["epoch=0-step=5.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["step-5", "step-6"]
+
+
+def test_a_merged_export_of_a_method_that_cannot_merge_fails_at_setup(tmp_path):
+    from lightning_peft import Adapter
+
+    module = LitCausalLM()
+    callback = PEFTCallback(Adapter(style="houlsby", reduction_factor=4), export_dir=str(tmp_path / "export"), export_merged=True)
+    with pytest.raises(ValueError, match=r"cannot be merged into their base weights.*load_adapter"):
+        make_trainer(tmp_path, callbacks=[callback], max_steps=3).fit(module, token_loader())
+    assert module.step_losses == {} and not (tmp_path / "export").exists()

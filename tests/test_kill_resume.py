@@ -1,5 +1,6 @@
 """Hard kills: a training process that checkpoints every step is SIGKILLed after a step (before its
-checkpoint) or in the middle of writing a checkpoint; resuming from the last checkpoint on disk gives
+checkpoint) or in the middle of writing a checkpoint (LoRA with dropout, QLoRA NF4, a bottleneck adapter, (IA)3,
+prompt tuning); resuming from the last checkpoint on disk gives
 bitwise the uninterrupted run's losses and adapters (dropout masks, data order mid-epoch, optimizer state).
 
 Each kill point is a separate process (tests/scripts/kill_resume_run.py). Together with the export kill
@@ -37,7 +38,7 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, tuple[dict[int, float], dict[str, torch.Tensor]]]:
     results = {}
-    for method in ("lora", "houlsby", "ia3", "prompt"):
+    for method in ("lora", "houlsby", "ia3", "prompt", "qlora"):
         out = tmp_path_factory.mktemp(f"whole-{method}")
         done = run(out, "--method", method)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -57,7 +58,7 @@ def resume_arguments(out: Path) -> list[str]:
 
 
 KILLS = [("lora", "step", k) for k in (1, 2, 3, 4, 6, 7)] + [("lora", "checkpoint", k) for k in (2, 3, 5)] + [
-    ("houlsby", "step", 4), ("ia3", "checkpoint", 4), ("prompt", "step", 5)
+    ("houlsby", "step", 4), ("ia3", "checkpoint", 4), ("prompt", "step", 5), ("qlora", "step", 3), ("qlora", "checkpoint", 5)
 ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_helpers import LitCausalLM, token_batches  # noqa: E402
 
-from lightning_peft import IA3, Adapter, LoRA, PEFTCallback, PromptTuning  # noqa: E402
+from lightning_peft import IA3, Adapter, LoRA, PEFTCallback, PromptTuning, Quantization  # noqa: E402
 from lightning_peft.resumable_sampler import ResumableDataLoader, resume_position  # noqa: E402
 
 METHODS = {
@@ -33,7 +33,9 @@ METHODS = {
     "houlsby": lambda: Adapter(style="houlsby", reduction_factor=4),
     "ia3": lambda: IA3(),
     "prompt": lambda: PromptTuning(num_virtual_tokens=3),
+    "qlora": lambda: LoRA(r=4, alpha=8, dropout=0.1, target_modules="all-linear"),
 }
+QUANTIZED = {"qlora": lambda: Quantization(bits=4, compute_dtype="float32")}
 STEPS = 8  # 3 batches per epoch: the run crosses two epoch boundaries
 
 
@@ -100,7 +102,10 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu", max_steps=STEPS, logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=out, enable_checkpointing=True,
-        callbacks=[PEFTCallback(METHODS[args.method]()), saver, Record(out, args.kill_at_step, args.kill_in)],
+        callbacks=[
+            PEFTCallback(METHODS[args.method](), quantization=QUANTIZED.get(args.method, lambda: None)()),
+            saver, Record(out, args.kill_at_step, args.kill_in),
+        ],
     )  # fmt: skip
     trainer_holder["t"] = trainer
     trainer.fit(module, loader, ckpt_path=args.resume)
