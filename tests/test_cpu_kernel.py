@@ -165,3 +165,42 @@ def test_a_layer_packed_before_we_saw_it_is_unpacked_with_a_warning(packed_kerne
         select_cpu_kernel(layer, "exact")
     assert not is_packed(layer) and "rounded to bfloat16" in caplog.text
     assert type(layer) is exact_linear4bit_class()
+
+
+def test_after_the_fast_kernel_ran_merge_export_fingerprint_and_state_dict_read_the_original_codes(packed_kernel, tmp_path):
+    from lightning_peft import load_adapter, merge_adapters, save_adapter
+    from lightning_peft.core.fingerprint import base_fingerprint
+    from lightning_peft.quantization import quantize_model
+    from lightning_peft.quantization.replace import dequantized_weight
+
+    from tiny_models import input_ids, randomize_adapters, tiny_llama
+
+    def build(kernel):
+        model = tiny_llama(0, hidden=64)
+        quantize_model(model, Quantization(compute_dtype="float32", cpu_kernel=kernel))
+        apply_peft(model, LoRA(r=2, target_modules=["q_proj", "o_proj"]))
+        randomize_adapters(model, seed=3)
+        return model
+
+    fast, exact = build("fast"), build("exact")
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    weights = {n: dequantized_weight(m) for n, m in fast.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    fingerprint = base_fingerprint(fast)
+    fast.eval()
+    with torch.no_grad():
+        fast(input_ids=input_ids())
+    assert any(is_packed(m) for m in fast.modules() if isinstance(m, bnb.nn.Linear4bit))  # the packed kernel ran
+    assert base_fingerprint(fast) == fingerprint
+    after = fast.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        fast(input_ids=input_ids())  # packed again
+    for name, module in fast.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            assert torch.equal(dequantized_weight(module), weights[name]), name
+    save_adapter(fast, tmp_path / "adapter")
+    reloaded = load_adapter(build("exact"), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=input_ids()).logits, exact.eval()(input_ids=input_ids()).logits, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="requantizing"):
+        merge_adapters(fast, requantize=True)  # reads the original codes, not bitsandbytes' bf16-rounded ones
