@@ -24,7 +24,10 @@ SCRIPT = Path(__file__).parent / "scripts" / "kill_resume_run.py"
 
 
 def run(out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=600, env=clean_environment())
+    # A session of its own: a kill takes down the run's process group (both DDP ranks), never pytest.
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=600, env=clean_environment(), start_new_session=True
+    )
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -38,12 +41,17 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, tuple[dict[int, float], dict[str, torch.Tensor]]]:
     results = {}
-    for method in ("lora", "houlsby", "ia3", "prompt", "qlora"):
+    for method in ("lora", "houlsby", "ia3", "prompt", "qlora", "lora-ddp"):
         out = tmp_path_factory.mktemp(f"whole-{method}")
-        done = run(out, "--method", method)
+        done = run(out, *arguments(method))
         assert done.returncode == 0, done.stderr[-3000:]
         results[method] = (losses(out), load_file(out / "adapter.safetensors"))
     return results
+
+
+def arguments(method: str) -> list[str]:
+    """``lora-ddp``: LoRA in 2 DDP processes (2 batches per rank and epoch)."""
+    return ["--method", "lora", "--devices", "2"] if method == "lora-ddp" else ["--method", method]
 
 
 def resume_arguments(out: Path) -> list[str]:
@@ -58,17 +66,20 @@ def resume_arguments(out: Path) -> list[str]:
 
 
 KILLS = [("lora", "step", k) for k in (1, 2, 3, 4, 6, 7)] + [("lora", "checkpoint", k) for k in (2, 3, 5)] + [
-    ("houlsby", "step", 4), ("ia3", "checkpoint", 4), ("prompt", "step", 5), ("qlora", "step", 3), ("qlora", "checkpoint", 5)
+    ("houlsby", "step", 4), ("ia3", "checkpoint", 4), ("prompt", "step", 5), ("qlora", "step", 3), ("qlora", "checkpoint", 5),
+    # DDP from checkpoints at epoch boundaries: mid-epoch, a distributed sampler restarts the epoch (as with any
+    # loader; warned), so a kill there resumes to another trajectory.
+    ("lora-ddp", "step", 3), ("lora-ddp", "step", 5),  # resumed from the checkpoints at steps 2 and 4
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("method", "where", "step"), KILLS, ids=[f"{m}-{w}-{s}" for m, w, s in KILLS])
 def test_a_killed_run_resumes_to_the_same_losses_and_adapters(tmp_path, uninterrupted, method, where, step):
-    done = run(tmp_path, "--method", method, "--kill-at-step", str(step), "--kill-in", where)
+    done = run(tmp_path, *arguments(method), "--kill-at-step", str(step), "--kill-in", where)
     assert done.returncode == -9, (done.returncode, done.stderr[-3000:])
     before = losses(tmp_path)
     assert max(before) == step
-    resumed = run(tmp_path, "--method", method, *resume_arguments(tmp_path))
+    resumed = run(tmp_path, *arguments(method), *resume_arguments(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole_losses, whole_adapter = uninterrupted[method]
     assert losses(tmp_path) == whole_losses  # every step, bitwise (steps redone after the kill replace theirs)

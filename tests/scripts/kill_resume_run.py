@@ -45,12 +45,17 @@ class Record(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if trainer.global_rank != 0:
+            if step == self.kill_at and self.kill_in == "step":
+                trainer.strategy.barrier()
+            return
         with open(self.out / "losses.json", "a") as fh:
             fh.write(json.dumps({"step": step, "loss": float(outputs["loss"])}) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         if step == self.kill_at and self.kill_in == "step":
-            os.kill(os.getpid(), signal.SIGKILL)
+            trainer.strategy.barrier()  # every rank has finished the step; then the whole job dies at once
+            os.killpg(os.getpgid(0), signal.SIGKILL)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.global_step == self.kill_at and self.kill_in == "checkpoint":
@@ -89,6 +94,7 @@ def main() -> None:
     parser.add_argument("--kill-at-step", type=int)
     parser.add_argument("--kill-in", default="step", choices=["step", "checkpoint"])
     parser.add_argument("--resume")
+    parser.add_argument("--devices", type=int, default=1, help="2: DDP (Lightning starts the second rank by re-running this script)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +106,7 @@ def main() -> None:
     )
     saver = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=STEPS, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_steps=STEPS, logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=out, enable_checkpointing=True,
         callbacks=[
             PEFTCallback(METHODS[args.method](), quantization=QUANTIZED.get(args.method, lambda: None)()),
@@ -109,6 +115,8 @@ def main() -> None:
     )  # fmt: skip
     trainer_holder["t"] = trainer
     trainer.fit(module, loader, ckpt_path=args.resume)
+    if trainer.global_rank != 0:
+        return
     save_file({n: p.detach().clone().contiguous() for n, p in module.named_parameters() if p.requires_grad}, out / "adapter.safetensors")
 
 
