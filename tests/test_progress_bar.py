@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from lightning_helpers import LitCausalLM, make_trainer, token_loader
-from lightning_peft.progress_bar import RichStepProgressBar, TQDMStepProgressBar, step_progress_bar
+from lightning_peft.progress_bar import RichStepProgressBar, TQDMStepProgressBar, rich_available, step_progress_bar
 
-RICH = importlib.util.find_spec("rich") is not None
+RICH = rich_available()
 
 # transformers 5 brings rich (through typer); with older releases it may be absent, and Lightning then uses TQDM.
 BARS = [

@@ -14,16 +14,17 @@ import sys
 from torch import nn
 
 
+def _loaded_bitsandbytes_class(name: str) -> type | None:
+    return getattr(getattr(sys.modules.get("bitsandbytes"), "nn", None), name, None)
+
+
 def kbit_linear_types() -> tuple[type, ...]:
     """``(Linear4bit, Linear8bitLt)`` when bitsandbytes is loaded, else ``()``."""
-    bnb = sys.modules.get("bitsandbytes")
-    layers = getattr(getattr(bnb, "nn", None), "Linear4bit", None), getattr(getattr(bnb, "nn", None), "Linear8bitLt", None)
-    return tuple(t for t in layers if t is not None)
+    return tuple(t for t in map(_loaded_bitsandbytes_class, ("Linear4bit", "Linear8bitLt")) if t is not None)
 
 
 def four_bit_linear_type() -> type | None:
-    bnb = sys.modules.get("bitsandbytes")
-    return getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    return _loaded_bitsandbytes_class("Linear4bit")
 
 
 def is_kbit_linear(module: nn.Module) -> bool:

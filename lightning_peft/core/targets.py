@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from lightning_peft.core.kbit_layers import kbit_linear_types
-
 from lightning_peft.core.adapter_layer import AdapterLayer
+from lightning_peft.core.kbit_layers import kbit_linear_types
 
 ALL_LINEAR = "all-linear"
 

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_peft.core.injection import _set_submodule
-from lightning_peft.quantization.config import Quantization
 from lightning_peft.core.kbit_cpu_kernel import select_cpu_kernel
+from lightning_peft.quantization.config import Quantization
 from lightning_peft.quantization.record import QuantizationRecord, set_quantization_record
 
 

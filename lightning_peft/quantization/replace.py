@@ -18,11 +18,11 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.injection import _set_submodule
-from lightning_peft.core.kbit_layers import is_kbit_linear, kbit_linear_types
+from lightning_peft.core.kbit_cpu_kernel import dequantize_4bit_exact, restore_original_codes, select_cpu_kernel
+from lightning_peft.core.kbit_layers import is_kbit_linear
 from lightning_peft.core.targets import _name_matches, output_head_names
 from lightning_peft.quantization.backend import check_backend, import_bitsandbytes
 from lightning_peft.quantization.config import Quantization
-from lightning_peft.core.kbit_cpu_kernel import dequantize_4bit_exact, restore_original_codes, select_cpu_kernel
 from lightning_peft.quantization.record import (
     OriginalWeight,
     QuantizationRecord,
@@ -54,8 +54,8 @@ def release_host_memory() -> None:
         trim(0)
 
 
-# One definition of "a k-bit layer", which never imports bitsandbytes (see core/kbit_layers.py).
-quantized_types = kbit_linear_types
+# One definition of "a k-bit layer", which never imports bitsandbytes (see core/kbit_layers.py); this module's
+# public name for it.
 is_quantized_linear = is_kbit_linear
 
 
