@@ -97,10 +97,12 @@ class PEFTCallback(Callback):
         self.quantization = quantization
         self.export_untrained = export_untrained
         self._steps_at_fit_start: int | None = None
+        self._restored_step: int | None = None  # the global step of the checkpoint this fit resumed from
         self._exported_steps: set[int] = set()
 
     # -- injection --------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restored_step = None
         if self.export_dir and self.export_on in ("checkpoint", "both"):
             # Lightning skips Callback.on_save_checkpoint for weights-only saves: those steps would
             # silently get no export.
@@ -149,7 +151,9 @@ class PEFTCallback(Callback):
         rank_zero_info(f"lightning_peft: {type(self.method).__name__} on {len(targets)} modules; {parameter_summary(pl_module)}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._steps_at_fit_start = trainer.global_step  # after a resume: the restored step
+        # Lightning restores the loops' counters after on_fit_start: a resumed run still reads 0 here, and its
+        # checkpoint's step arrives in on_load_checkpoint.
+        self._steps_at_fit_start = trainer.global_step
         check_optimizers_cover_trainable(trainer, pl_module)
         if needs_data_init(self.method) and trainer.ckpt_path is None:
             # LoRA-GA: from the Trainer's own batches, now that the model is on its device. A resumed run
@@ -197,7 +201,9 @@ class PEFTCallback(Callback):
         self._prune_step_exports(trainer)  # the last checkpoint's save may have removed an older one
         if not (self.export_dir and self.export_on in ("fit_end", "both")):
             return
-        if self._steps_at_fit_start is not None and trainer.global_step == self._steps_at_fit_start and not self.export_untrained:
+        start = self._restored_step if self._restored_step is not None else self._steps_at_fit_start
+        made_no_step = start is not None and trainer.global_step == start
+        if made_no_step and not self.export_untrained and not self._restored_result_never_exported(trainer):
             rank_zero_warn(
                 f"lightning_peft: not exporting to {Path(self.export_dir) / 'adapter'}: this fit made no optimizer step "
                 f"(global_step stayed {trainer.global_step}: empty training data, or a resume at max_steps), so the "
@@ -206,6 +212,22 @@ class PEFTCallback(Callback):
             )
             return
         self._export(trainer, pl_module, Path(self.export_dir))
+
+    def _restored_result_never_exported(self, trainer: pl.Trainer) -> bool:
+        """A resume that trained nothing more still holds a trained adapter (restored from a step > 0); when no
+        export is on disk (a run killed after its last checkpoint, before or while writing its fit-end export),
+        exporting it loses nothing and gives the user the result."""
+        from lightning_peft.export.adapter_dir import WEIGHTS_NAME
+        from lightning_peft.export.atomic import recover_interrupted_write
+
+        if trainer.ckpt_path is None or trainer.global_step == 0:
+            return False
+        missing = False
+        if trainer.is_global_zero:  # the writing rank decides; every rank must then join the export's gather
+            target = Path(self.export_dir) / "adapter"
+            recover_interrupted_write(target)  # an export killed after its commit mark is whole once rolled forward
+            missing = not (target / WEIGHTS_NAME).exists()
+        return bool(trainer.strategy.broadcast(missing, src=0))
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: os.PathLike) -> None:
         from lightning_peft.export.merged import save_merged
@@ -220,6 +242,9 @@ class PEFTCallback(Callback):
                 if self.export_merged:
                     save_merged(model, Path(directory) / "merged", tokenizer=getattr(pl_module, "tokenizer", None))
         rank_zero_info(f"lightning_peft: exported adapter to {Path(directory) / 'adapter'}")
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restored_step = int(checkpoint.get("global_step", 0))
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method.to_dict(), "exported_steps": sorted(self._exported_steps)}

@@ -9,13 +9,18 @@ at all (ranks silently training different adapters):
 - a model that is already sharded when the adapters are injected: FSDP has flattened or distributed
   the base's parameters, so new adapter parameters would sit outside the sharding, unsynchronised;
 - DDP with ``find_unused_parameters=True`` and reentrant gradient checkpointing, which fails in backward
-  with "Expected to mark a variable ready only once".
+  with "Expected to mark a variable ready only once";
+- (a warning) ``ModelCheckpoint(save_last=True)`` with sharded checkpoints: Lightning rewrites the ``last.ckpt``
+  directory in place, so a kill while it is written leaves the previous step's ``meta.pt`` beside the new
+  step's shards, a checkpoint that loads and resumes the wrong state. ``save_last="link"`` points
+  ``last.ckpt`` at the newest complete checkpoint instead.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_peft.core.sharding import is_sharded
@@ -46,6 +51,7 @@ def check_strategy(trainer: Any, model: nn.Module | None) -> None:
         raise ValueError(
             f"lightning_peft does not support the {type(strategy).__name__} strategy; use {SUPPORTED_DESCRIPTION}"
         )
+    warn_in_place_last_checkpoint(trainer)
     if model is None:
         return
     if is_sharded(model):
@@ -80,3 +86,29 @@ def check_merged_export(trainer: Any, export_merged: bool) -> None:
             f"sharded across ranks. Export the adapter (export_merged=False) and merge it afterwards in one process: "
             f"load_adapter(base, 'adapter_dir') then lightning_peft.export.merged.save_merged(model, 'merged_dir')"
         )
+
+
+def writes_sharded_checkpoints(strategy: Any) -> bool:
+    """Whether ``strategy`` saves a checkpoint as a directory of per-rank shards (FSDP2's default; FSDP1 with
+    ``state_dict_type="sharded"``)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, ModelParallelStrategy):
+        return bool(getattr(strategy, "_save_distributed_checkpoint", True))
+    if isinstance(strategy, FSDPStrategy):
+        return getattr(strategy, "_state_dict_type", "full") == "sharded"
+    return False
+
+
+def warn_in_place_last_checkpoint(trainer: Any) -> None:
+    """Warn when a sharded ``last.ckpt`` would be rewritten in place (see the module docstring)."""
+    if not writes_sharded_checkpoints(trainer.strategy):
+        return
+    for saver in getattr(trainer, "checkpoint_callbacks", []):
+        if getattr(saver, "save_last", None) is True:
+            rank_zero_warn(
+                f"ModelCheckpoint(save_last=True) under {type(trainer.strategy).__name__}: sharded checkpoints are "
+                f"directories and Lightning rewrites last.ckpt in place, so a run killed while writing it leaves a "
+                f"last.ckpt that mixes two steps. Use ModelCheckpoint(save_last='link'), which points last.ckpt at the "
+                f"newest complete checkpoint"
+            )

@@ -347,3 +347,24 @@ def test_a_merged_export_of_a_method_that_cannot_merge_fails_at_setup(tmp_path):
     with pytest.raises(ValueError, match=r"cannot be merged into their base weights.*load_adapter"):
         make_trainer(tmp_path, callbacks=[callback], max_steps=3).fit(module, token_loader())
     assert module.step_losses == {} and not (tmp_path / "export").exists()
+
+
+def test_a_resume_that_trains_nothing_more_exports_the_restored_result_when_no_export_exists(tmp_path):
+    """A run killed after its last checkpoint and before its fit-end export: the resume reaches max_steps at once,
+    and the trained adapter it restored is exported (nothing to overwrite); with an export on disk it is kept."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_peft import load_adapter
+
+    export = tmp_path / "export"
+    first = LitCausalLM()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    make_trainer(tmp_path, callbacks=[PEFTCallback(lora()), saver], max_steps=3, enable_checkpointing=True).fit(first, token_loader())
+    checkpoint = str(next((tmp_path / "ckpt").glob("*step=3.ckpt")))
+    resumed = LitCausalLM()
+    make_trainer(tmp_path, callbacks=[PEFTCallback(lora(), export_dir=str(export))], max_steps=3).fit(resumed, token_loader(), ckpt_path=checkpoint)
+    torch.testing.assert_close(logits(load_adapter(tiny_llama(0), export / "adapter")), logits(first.model), atol=1e-6, rtol=0)
+    before = {p.name: p.read_bytes() for p in (export / "adapter").iterdir()}
+    with pytest.warns(UserWarning, match=r"not exporting .*made no optimizer step"):
+        make_trainer(tmp_path, callbacks=[PEFTCallback(lora(), export_dir=str(export))], max_steps=3).fit(LitCausalLM(), token_loader(), ckpt_path=checkpoint)
+    assert {p.name: p.read_bytes() for p in (export / "adapter").iterdir()} == before

@@ -410,3 +410,38 @@ def test_resume_continues_with_the_uninterrupted_runs_batches(tmp_path, make_tok
     resumed = _fit(tmp_path / "c", data(), max_steps=12, ckpt_path=str(tmp_path / "b" / "ckpt" / f"epoch={(stop - 1) // 5}-step={stop}.ckpt"))
     assert resumed == {s: uninterrupted[s] for s in range(stop + 1, 13)}
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------------
+# several processes: the resumable sampler shards like DistributedSampler and resumes per rank
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length, world, shuffle, drop_last", [(10, 2, True, False), (11, 3, True, False), (11, 3, False, False), (11, 3, True, True)])
+def test_resumable_sampler_shards_exactly_like_distributed_sampler(length, world, shuffle, drop_last):
+    """The oracle is torch's DistributedSampler (same seed + epoch permutation, same padding and striding)."""
+    from torch.utils.data import DistributedSampler
+
+    from lightning_peft.resumable_sampler import ResumableSampler
+
+    for epoch in (0, 3):
+        for rank in range(world):
+            ours = ResumableSampler(length, shuffle=shuffle, seed=5, num_replicas=world, rank=rank, drop_last=drop_last)
+            reference = DistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=shuffle, seed=5, drop_last=drop_last)
+            ours.set_epoch(epoch)
+            reference.set_epoch(epoch)
+            assert list(ours) == list(reference) and len(ours) == len(reference)
+            ours.resume_at(epoch, 2)  # two indices of this rank's shard were done before the kill
+            assert list(ours) == list(reference)[2:]
+
+
+def test_resumable_loader_takes_the_rank_of_lightnings_distributed_sampler():
+    from torch.utils.data import DistributedSampler
+
+    from lightning_peft.resumable_sampler import ResumableDataLoader, ResumableSampler
+
+    rows = list(range(9))
+    replaced = DistributedSampler(rows, num_replicas=2, rank=1, shuffle=False)
+    loader = ResumableDataLoader(rows, batch_size=2, shuffle=True, seed=3, sampler=replaced)  # what Lightning rebuilds
+    assert isinstance(loader.sampler, ResumableSampler) and (loader.sampler.num_replicas, loader.sampler.rank) == (2, 1)
+    assert loader.sampler.shuffle  # our order (seeded, shuffled), its shard
+    with pytest.raises(ValueError, match=r"rank=2 is not in \[0, num_replicas=2\)"):
+        ResumableSampler(4, shuffle=False, seed=0, num_replicas=2, rank=2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as L
@@ -131,6 +132,33 @@ def test_broadcast_is_a_no_op_without_a_process_group():
 
 
 # -- setups refused at setup, with what would work ----------------------------------------------------
+@pytest.mark.parametrize("save_last, strategy, warned", [
+    (True, "fsdp2", True), ("link", "fsdp2", False), (True, "fsdp-sharded", True), (True, "fsdp-full", False), (True, "ddp", False),
+])  # fmt: skip
+def test_a_sharded_last_checkpoint_rewritten_in_place_is_warned(tmp_path, save_last, strategy, warned, recwarn):
+    """Lightning rewrites a sharded last.ckpt directory in place (tests/test_kill_resume.py kills FSDP2 with a link)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from lightning_peft.strategy_checks import warn_in_place_last_checkpoint
+
+    strategies = {
+        "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        "fsdp-sharded": lambda: FSDPStrategy(state_dict_type="sharded"),
+        "fsdp-full": lambda: FSDPStrategy(state_dict_type="full"),
+    }
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategies["ddp"] = DDPStrategy
+    # Only the strategy and the checkpoint callbacks are read (Lightning's FSDP1 refuses a CPU Trainer).
+    trainer = SimpleNamespace(strategy=strategies[strategy](), checkpoint_callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=save_last)])
+    warn_in_place_last_checkpoint(trainer)
+    messages = [str(w.message) for w in recwarn if "rewrites last.ckpt in place" in str(w.message)]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert f"under {type(trainer.strategy).__name__}" in messages[0] and "save_last='link'" in messages[0]
+
+
 def test_unsupported_strategy_is_named():
     from lightning_peft.strategy_checks import check_strategy
 

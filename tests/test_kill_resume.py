@@ -1,7 +1,8 @@
-"""Hard kills: a training process that checkpoints every step is SIGKILLed after a step (before its
+"""Hard kills: a training job that checkpoints every step is SIGKILLed after a step (before its
 checkpoint) or in the middle of writing a checkpoint (LoRA with dropout, QLoRA NF4, a bottleneck adapter, (IA)3,
-prompt tuning); resuming from the last checkpoint on disk gives
-bitwise the uninterrupted run's losses and adapters (dropout masks, data order mid-epoch, optimizer state).
+prompt tuning; LoRA under 2-process DDP and 2-process FSDP2, mid-epoch and at epoch boundaries); resuming from the
+last checkpoint on disk gives bitwise the uninterrupted run's losses and adapters (dropout masks, data order
+mid-epoch on every rank, optimizer state).
 
 Each kill point is a separate process (tests/scripts/kill_resume_run.py). Together with the export kill
 points of tests/test_export_writes.py these are the suite's kill-and-resume checks.
@@ -41,7 +42,7 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, tuple[dict[int, float], dict[str, torch.Tensor]]]:
     results = {}
-    for method in ("lora", "houlsby", "ia3", "prompt", "qlora", "lora-ddp"):
+    for method in ("lora", "houlsby", "ia3", "prompt", "qlora", "lora-ddp", "lora-fsdp2"):
         out = tmp_path_factory.mktemp(f"whole-{method}")
         done = run(out, *arguments(method))
         assert done.returncode == 0, done.stderr[-3000:]
@@ -50,26 +51,28 @@ def uninterrupted(tmp_path_factory) -> dict[str, tuple[dict[int, float], dict[st
 
 
 def arguments(method: str) -> list[str]:
-    """``lora-ddp``: LoRA in 2 DDP processes (2 batches per rank and epoch)."""
-    return ["--method", "lora", "--devices", "2"] if method == "lora-ddp" else ["--method", method]
+    """``lora-ddp``/``lora-fsdp2``: LoRA in 2 processes (2 batches per rank and epoch: steps 2, 4, 6 end one)."""
+    if method in ("lora-ddp", "lora-fsdp2"):
+        return ["--method", "lora", "--devices", "2", "--strategy", method.removeprefix("lora-")]
+    return ["--method", method]
 
 
 def resume_arguments(out: Path) -> list[str]:
     """What a user resumes from after a crash: last.ckpt (Lightning writes it through a temporary file and a
     rename, so a kill mid-write leaves the previous one), or a fresh start when none was written yet."""
-    last = out / "ckpt" / "last.ckpt"
+    last = out / "ckpt" / "last.ckpt"  # FSDP2: a link to the newest complete sharded checkpoint (a directory)
     if not last.exists():
         (out / "losses.json").unlink()
         return []
-    torch.load(last, weights_only=True)  # loads: not torn
+    torch.load(last / "meta.pt" if last.is_dir() else last, weights_only=True)  # loads: not torn
     return ["--resume", str(last)]
 
 
 KILLS = [("lora", "step", k) for k in (1, 2, 3, 4, 6, 7)] + [("lora", "checkpoint", k) for k in (2, 3, 5)] + [
     ("houlsby", "step", 4), ("ia3", "checkpoint", 4), ("prompt", "step", 5), ("qlora", "step", 3), ("qlora", "checkpoint", 5),
-    # DDP from checkpoints at epoch boundaries: mid-epoch, a distributed sampler restarts the epoch (as with any
-    # loader; warned), so a kill there resumes to another trajectory.
-    ("lora-ddp", "step", 3), ("lora-ddp", "step", 5),  # resumed from the checkpoints at steps 2 and 4
+    # Two processes, resumed mid-epoch (from steps 1, 3) and at epoch boundaries (2, 4): each rank's shard resumes.
+    ("lora-ddp", "step", 2), ("lora-ddp", "step", 5), ("lora-ddp", "checkpoint", 4),
+    ("lora-fsdp2", "step", 2), ("lora-fsdp2", "step", 3), ("lora-fsdp2", "checkpoint", 5),
 ]  # fmt: skip
 
 
