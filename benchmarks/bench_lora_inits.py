@@ -29,7 +29,7 @@ from torch import nn
 
 from lightning_peft import DoRA, LoRA, apply_peft
 from lightning_peft.core.adapter_layer import adapter_layers
-from lightning_peft.data import TextFileDataModule
+from lightning_peft.recipes.data import TextFileDataModule
 from lightning_peft.methods.lora import LoRALayer
 from lightning_peft.methods.lora_ga import estimate_weight_gradients, initialise_from_gradients
 

@@ -29,7 +29,7 @@ TRAINABLE = re.compile(r"trainable params: ([\d,]+) / ([\d,]+)")
 
 def run(method: str, steps: int, workdir: Path) -> dict[str, float | str]:
     command = [
-        sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(REPO / "configs" / f"{method}.yaml"),
+        sys.executable, "-m", "lightning_peft.recipes.cli", "fit", "--config", str(REPO / "configs" / f"{method}.yaml"),
         f"--trainer.max_steps={steps}",
         "--trainer.enable_checkpointing=false",
         "--trainer.callbacks=[]",  # no ModelCheckpoint: nothing is kept

@@ -42,7 +42,7 @@ VARIANTS = {
 def run_variant(name: str, extra: list[str], steps: int, workdir: Path, model: str | None, text: str | None) -> tuple[float, float, float]:
     """Run the CLI once; return (perplexity before, perplexity after, wall seconds)."""
     command = [
-        sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(REPO / "configs" / "qlora.yaml"),
+        sys.executable, "-m", "lightning_peft.recipes.cli", "fit", "--config", str(REPO / "configs" / "qlora.yaml"),
         f"--trainer.max_steps={steps}",
         "--trainer.enable_checkpointing=false",
         "--trainer.callbacks=[]",  # no ModelCheckpoint: nothing is kept

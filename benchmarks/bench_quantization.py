@@ -85,7 +85,7 @@ def bits_table() -> list[tuple[str, float]]:
 
     from lightning_peft import Quantization
     from lightning_peft.quantization import bits_per_parameter
-    from lightning_peft.quantization.replace import quantized_linear
+    from lightning_peft.quantization.layers import quantized_linear
 
     torch.manual_seed(0)
     weight = torch.randn(4096, 4096) * 0.02

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from lightning_helpers import LitCausalLM, token_batches  # noqa: E402
 
 from lightning_peft import LoRA, PEFTCallback  # noqa: E402
-from lightning_peft.resumable_sampler import ResumableDataLoader  # noqa: E402
+from lightning_peft.integration.resumable_sampler import ResumableDataLoader  # noqa: E402
 
 
 def rss_kib() -> int:

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_peft import LoRA, PEFTCallback, save_adapter
-from lightning_peft.data import TextFileDataModule
+from lightning_peft.recipes.data import TextFileDataModule
 
 MODEL = "assets/smollm2-135m-instruct"
 

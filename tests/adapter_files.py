@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lightning_peft.export.adapter_dir import CHECKSUM_KEY, CONFIG_COPY_KEY, CONFIG_NAME, WEIGHTS_NAME, tensors_checksum
+from lightning_peft.formats.adapter_dir import CHECKSUM_KEY, CONFIG_COPY_KEY, CONFIG_NAME, WEIGHTS_NAME, tensors_checksum
 
 
 def rewrite_tensors(path: Path, change: Callable[[dict[str, torch.Tensor]], object]) -> None:

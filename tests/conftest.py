@@ -18,7 +18,7 @@ def assets_dir() -> Path:
     ``$LIGHTNING_PEFT_ASSETS`` if set, else ``<repo>/assets``: a fixed place rather than a tmp dir
     because converting SmolLM2 takes ~40 s and every later session reuses the result.
     """
-    from lightning_peft.assets import prepare_assets
+    from lightning_peft.recipes.assets import prepare_assets
 
     root = Path(os.environ.get("LIGHTNING_PEFT_ASSETS") or REPO_ROOT / "assets")
     root.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import LitCausalLM, logits, make_trainer, token_loader, trainable_names
 
 from lightning_peft import IA3, Adapter, BitFit, Compacter, PEFTCallback, load_adapter
-from lightning_peft.checkpointing import CHECKPOINT_KEY
+from lightning_peft.integration.checkpoints import CHECKPOINT_KEY
 from lightning_peft.methods.base import method_from_dict
 
 METHODS = {

@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from adapter_files import as_peft_written, edit_config, rewrite_recorded_config, rewrite_tensors
 from lightning_peft import Adapter, AdapterFileError, LoRA, apply_peft, load_adapter, save_adapter
-from lightning_peft.export.adapter_dir import CHECKSUM_KEY, CONFIG_COPY_KEY, WEIGHTS_NAME, read_adapter_dir, tensors_checksum
+from lightning_peft.formats.adapter_dir import CHECKSUM_KEY, CONFIG_COPY_KEY, WEIGHTS_NAME, read_adapter_dir, tensors_checksum
 from tiny_models import logits, randomize_adapters, tiny_bert, tiny_llama
 
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -129,7 +129,7 @@ def test_our_file_loads_without_a_warning(saved):
 def test_checksumming_leaves_the_callers_storage_resizable():
     # FSDP1 frees the full parameters it gathered for an export by resizing their storage to 0; a checksum
     # that went through .numpy() on that storage made it unresizable and crashed every FSDP1 export.
-    from lightning_peft.export.adapter_dir import tensors_checksum
+    from lightning_peft.formats.adapter_dir import tensors_checksum
 
     tensor = torch.arange(6, dtype=torch.float32)
     assert tensors_checksum({"a": tensor}) == tensors_checksum({"a": tensor.clone()})

@@ -16,7 +16,7 @@ from lightning_peft import Adapter, apply_peft, load_adapter, merge_adapters, pa
 from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.blocks import BlockDiscoveryError
 from lightning_peft.core.fingerprint import BaseModelMismatchError
-from lightning_peft.merge import merged_state_dict
+from lightning_peft.operations.merging import merged_state_dict
 from tiny_models import BUILDERS, input_ids, logits, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 # The projections whose outputs go back into the residual stream, per block: (after attention, after FFN).

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from lightning_peft.assets import LAYOUT, asset_paths, main, prepare_assets
+from lightning_peft.recipes.assets import LAYOUT, asset_paths, main, prepare_assets
 
 STEPS = ["smollm2", "minilm", "hamlet", "rotten_tomatoes", "chat"]
 

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from lightning_peft import BitFit, apply_peft, disable_adapters, load_adapter, merge_adapters, parameter_summary, save_adapter
 from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.fingerprint import BaseModelMismatchError
-from lightning_peft.merge import merged_state_dict
+from lightning_peft.operations.merging import merged_state_dict
 from tiny_models import input_ids, tiny_bert, tiny_gpt2, tiny_llama
 
 

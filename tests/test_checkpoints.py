@@ -26,9 +26,9 @@ from lightning_helpers import (
     trainable_names,
 )
 
-from lightning_peft.rng_state import rng_states
+from lightning_peft.integration.rng_state import rng_states
 from lightning_peft import BaseModelMismatchError, LoRA, PEFTCallback
-from lightning_peft.checkpointing import CHECKPOINT_KEY
+from lightning_peft.integration.checkpoints import CHECKPOINT_KEY
 from lightning_peft.core.adapter_layer import adapter_layers
 
 LORA_ARGS = dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
@@ -305,7 +305,7 @@ def test_rng_states_round_trip_every_generator_through_a_weights_only_load():
 
     import numpy as np
 
-    from lightning_peft.rng_state import restore_rng_states
+    from lightning_peft.integration.rng_state import restore_rng_states
 
     random.seed(3), np.random.seed(4), torch.manual_seed(5)
     buffer = io.BytesIO()

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightning_peft import disable_adapters, load_adapter, save_adapter
-from lightning_peft.cli import PEFTLightningCLI, main, run_cli
+from lightning_peft.recipes.cli import PEFTLightningCLI, main, run_cli
 from lightning_peft.core.adapter_layer import adapter_layers, adapter_modules
 from lightning_peft.core.transformers_compat import cache_argument
-from lightning_peft.export.peft_format import read_adapter_dir
-from lightning_peft.tasks import CausalLMTask, SequenceClassificationTask
+from lightning_peft.formats.peft_format import read_adapter_dir
+from lightning_peft.recipes.tasks import CausalLMTask, SequenceClassificationTask
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Recursive: a config in a sub-folder must not escape the test.
@@ -128,14 +128,14 @@ def _causal_lm_config(tiny: dict[str, str], tmp_path: Path, method: Any = "lora"
         "seed_everything": 0,
         "trainer": _trainer(tmp_path, **trainer),
         "model": {
-            "class_path": "lightning_peft.tasks.CausalLMTask",
+            "class_path": "lightning_peft.recipes.tasks.CausalLMTask",
             "init_args": {
                 "model_name_or_path": tiny["llama"],
                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}},
             },
         },
         "data": {
-            "class_path": "lightning_peft.data.TextFileDataModule",
+            "class_path": "lightning_peft.recipes.data.TextFileDataModule",
             "init_args": {"tokenizer": tiny["llama"], "train_file": tiny["text"], "block_size": 16, "batch_size": 4},
         },
         "peft": {"method": _lora() if method == "lora" else method, "export_dir": str(tmp_path / "export")},
@@ -365,7 +365,7 @@ def test_classification_task_with_lora_and_head(tiny, tmp_path: Path):
         "seed_everything": 0,
         "trainer": _trainer(tmp_path, max_steps=-1, max_epochs=2, check_val_every_n_epoch=1),
         "model": {
-            "class_path": "lightning_peft.tasks.SequenceClassificationTask",
+            "class_path": "lightning_peft.recipes.tasks.SequenceClassificationTask",
             "init_args": {
                 "model_name_or_path": tiny["bert"],
                 "num_labels": 2,
@@ -374,7 +374,7 @@ def test_classification_task_with_lora_and_head(tiny, tmp_path: Path):
             },
         },
         "data": {
-            "class_path": "lightning_peft.data.ClassificationDataModule",
+            "class_path": "lightning_peft.recipes.data.ClassificationDataModule",
             "init_args": {"tokenizer": tiny["bert"], "train_file": tiny["train_csv"], "val_file": tiny["val_csv"], "batch_size": 8},
         },
         "peft": {"method": _lora(target_modules=["query", "value"], modules_to_save=["classifier"]), "export_dir": str(tmp_path / "export")},
@@ -449,7 +449,7 @@ def test_task_arguments_are_validated(tiny):
 
 @pytest.mark.assets
 def test_prepare_assets_subcommand(assets_dir: Path, capsys):
-    """`lightning-peft prepare-assets` dispatches to lightning_peft.assets (already prepared: quick)."""
+    """`lightning-peft prepare-assets` dispatches to lightning_peft.recipes.assets (already prepared: quick)."""
     assert main(["prepare-assets", "--root", str(assets_dir)]) == 0
     assert "smollm2" in capsys.readouterr().out
 

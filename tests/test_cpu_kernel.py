@@ -24,7 +24,7 @@ from lightning_peft.core.kbit_cpu_kernel import (
     packed_kernel_fits,
     select_cpu_kernel,
 )
-from lightning_peft.quantization.replace import quantized_linear
+from lightning_peft.quantization.layers import quantized_linear
 
 from nf4_reference import reference_dequantize
 
@@ -171,7 +171,7 @@ def test_after_the_fast_kernel_ran_merge_export_fingerprint_and_state_dict_read_
     from lightning_peft import load_adapter, merge_adapters, save_adapter
     from lightning_peft.core.fingerprint import base_fingerprint
     from lightning_peft.quantization import quantize_model
-    from lightning_peft.quantization.replace import dequantized_weight
+    from lightning_peft.quantization.layers import dequantized_weight
 
     from tiny_models import input_ids, randomize_adapters, tiny_llama
 

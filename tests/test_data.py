@@ -17,7 +17,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
-from lightning_peft.data import (
+from lightning_peft.recipes.data import (
     IGNORE_INDEX,
     ChatDataModule,
     ClassificationDataModule,
@@ -354,7 +354,7 @@ def test_data_modules_build_from_class_path_config(cls, tmp_path):
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     init_args = {"tokenizer": "some/tokenizer", "train_file": "train.x", "val_file": "val.x", "batch_size": 3}
-    cfg = parser.parse_object({"data": {"class_path": f"lightning_peft.data.{cls.__name__}", "init_args": init_args}})
+    cfg = parser.parse_object({"data": {"class_path": f"lightning_peft.recipes.data.{cls.__name__}", "init_args": init_args}})
     dm = parser.instantiate_classes(cfg).data
     assert isinstance(dm, cls) and dm.batch_size == 3
     assert dm.hparams["train_file"] == "train.x"  # saved for checkpoints; nothing was read yet
@@ -420,7 +420,7 @@ def test_resumable_sampler_shards_exactly_like_distributed_sampler(length, world
     """The oracle is torch's DistributedSampler (same seed + epoch permutation, same padding and striding)."""
     from torch.utils.data import DistributedSampler
 
-    from lightning_peft.resumable_sampler import ResumableSampler
+    from lightning_peft.integration.resumable_sampler import ResumableSampler
 
     for epoch in (0, 3):
         for rank in range(world):
@@ -436,7 +436,7 @@ def test_resumable_sampler_shards_exactly_like_distributed_sampler(length, world
 def test_resumable_loader_takes_the_rank_of_lightnings_distributed_sampler():
     from torch.utils.data import DistributedSampler
 
-    from lightning_peft.resumable_sampler import ResumableDataLoader, ResumableSampler
+    from lightning_peft.integration.resumable_sampler import ResumableDataLoader, ResumableSampler
 
     rows = list(range(9))
     replaced = DistributedSampler(rows, num_replicas=2, rank=1, shuffle=False)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_peft.export.atomic import write_adapter_tensors
+from lightning_peft.formats.atomic import write_adapter_tensors
 
 from lightning_helpers import clean_environment
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from lightning_helpers import DestroyProcessGroupAtTeardown
 from lightning_helpers import LitCausalLM, make_trainer, token_batches
 from lightning_peft import IA3, Adapter, DoRA, LoRA, PEFTCallback, PrefixTuning, Quantization
-from lightning_peft.distributed import broadcast_adapters
+from lightning_peft.integration.distributed import broadcast_adapters
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -140,7 +140,7 @@ def test_a_sharded_last_checkpoint_rewritten_in_place_is_warned(tmp_path, save_l
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    from lightning_peft.strategy_checks import warn_in_place_last_checkpoint
+    from lightning_peft.integration.strategies import warn_in_place_last_checkpoint
 
     strategies = {
         "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
@@ -160,7 +160,7 @@ def test_a_sharded_last_checkpoint_rewritten_in_place_is_warned(tmp_path, save_l
 
 
 def test_unsupported_strategy_is_named():
-    from lightning_peft.strategy_checks import check_strategy
+    from lightning_peft.integration.strategies import check_strategy
 
     class HomeMadeStrategy:  # stands for a custom Strategy outside Lightning's families (only its type is read)
         pass
@@ -174,7 +174,7 @@ def test_unsupported_strategy_is_named():
 def test_merged_export_under_a_sharding_strategy_is_refused_with_the_way_that_works(strategy_name):
     from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
-    from lightning_peft.strategy_checks import check_merged_export
+    from lightning_peft.integration.strategies import check_merged_export
 
     if strategy_name == "deepspeed-zero3":
         pytest.importorskip("deepspeed")
@@ -207,7 +207,7 @@ def test_reentrant_checkpointing_with_find_unused_parameters_is_refused(tmp_path
     module = LitCausalLM()
     module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     trainer = make_trainer(tmp_path, strategy=DDPStrategy(find_unused_parameters=True), devices=1)
-    from lightning_peft.strategy_checks import check_strategy
+    from lightning_peft.integration.strategies import check_strategy
 
     with pytest.raises(ValueError, match=r"mark a variable ready only once.*PEFT needs no find_unused_parameters"):
         check_strategy(trainer, module.model)

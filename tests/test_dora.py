@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_peft import DoRA, LoRA, Quantization, apply_peft, load_adapter, merge_adapters, save_adapter, unmerge_adapters
 from lightning_peft.core.adapter_layer import adapter_layers
-from lightning_peft.merge import merged_state_dict
+from lightning_peft.operations.merging import merged_state_dict
 from lightning_peft.methods.dora import DoRALayer
 from lightning_peft.quantization import quantize_model
 from nf4_reference import reference_dequantize

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import lightning_peft.export.peft_format as peft_format
-import lightning_peft.export.atomic as atomic
+import lightning_peft.formats.peft_format as peft_format
+import lightning_peft.formats.atomic as atomic
 from lightning_peft import (
     AdapterFileError,
     BaseModelMismatchError,

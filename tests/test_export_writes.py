@@ -1,4 +1,4 @@
-"""Exports never lose a user's files or a trained result (lightning_peft/export/atomic.py).
+"""Exports never lose a user's files or a trained result (lightning_peft/formats/atomic.py).
 
 - only our files are written and deleted; a file is never turned into a directory;
 - a process killed (SIGKILL-like ``os._exit``) at any step of a replacement leaves a directory that loads as
@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lightning_peft.export.atomic as atomic
+import lightning_peft.formats.atomic as atomic
 from lightning_peft import LoRA, apply_peft, load_adapter, save_adapter
 from lightning_peft.core.adapter_layer import adapter_layers
 from tiny_models import randomize_adapters, tiny_llama
@@ -102,7 +102,7 @@ KILL_CHILD = textwrap.dedent(
     import os, sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     from safetensors.torch import save_file
-    import lightning_peft.export.atomic as atomic
+    import lightning_peft.formats.atomic as atomic
     from lightning_peft import save_adapter
     from test_export_writes import trained, adapter_tensors
     target, reference, where, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -124,7 +124,7 @@ KILL_CHILD = textwrap.dedent(
             file.write_bytes(b"\\0" * 100)
             os._exit(137)
         atomic.write_adapter_tensors = half
-        import lightning_peft.export.adapter_dir as adapter_dir
+        import lightning_peft.formats.adapter_dir as adapter_dir
         adapter_dir.write_adapter_tensors = half
     elif where == "fsync":
         atomic._fsync = killing(atomic._fsync)
@@ -176,7 +176,7 @@ DISK_FULL_CHILD = textwrap.dedent(
     import resource, signal, sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     from lightning_peft import save_adapter
-    from lightning_peft.export.atomic import ExportWriteError
+    from lightning_peft.formats.atomic import ExportWriteError
     from test_export_writes import trained
     model = trained(2)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing
@@ -207,7 +207,7 @@ def test_os_errors_while_writing_leave_the_previous_export(tmp_path, monkeypatch
     target = tmp_path / "adapter"
     save_adapter(trained(1), target)
     before = snapshot(target)
-    import lightning_peft.export.adapter_dir as adapter_dir
+    import lightning_peft.formats.adapter_dir as adapter_dir
 
     def failing(tensors, file, metadata):
         raise OSError(code, os.strerror(code), str(file))
@@ -219,7 +219,7 @@ def test_os_errors_while_writing_leave_the_previous_export(tmp_path, monkeypatch
 
 
 def test_a_failed_first_export_leaves_no_directory(tmp_path, monkeypatch):
-    import lightning_peft.export.adapter_dir as adapter_dir
+    import lightning_peft.formats.adapter_dir as adapter_dir
 
     def failing(tensors, file, metadata):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))

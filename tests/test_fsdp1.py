@@ -28,7 +28,7 @@ from torch import nn
 from lightning_helpers import clean_environment, save_tiny_llama, tiny_llama
 from lightning_peft import IA3, LoRA, PromptTuning
 from lightning_peft.core.injection import apply_peft
-from lightning_peft.fsdp_wrapping import AdapterWrapPolicy, natural_units, plan_wrap_units
+from lightning_peft.integration.fsdp_wrapping import AdapterWrapPolicy, natural_units, plan_wrap_units
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp1_run.py"
 

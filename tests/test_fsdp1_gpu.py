@@ -14,7 +14,7 @@ from lightning_peft import LoRA, PEFTCallback, Quantization
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-# Measured on an H100 (2026-11-23) before lightning_peft/fsdp_wrapping.py existed, both cases failed: the adapter-only
+# Measured on an H100 (2026-11-23) before lightning_peft/integration/fsdp_wrapping.py existed, both cases failed: the adapter-only
 # state_dict hook ran before FSDP1's own hook for the root unit ("FSDP assumes model.model.embed_tokens.weight is in the
 # state_dict"), and QLoRA's unit mixed float32 adapters and norms with bfloat16-stored codes ("Must flatten tensors with
 # uniform dtype"). The adapter wrap policy leaves the root unit empty and every unit one dtype; tests/test_fsdp1.py checks

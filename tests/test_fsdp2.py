@@ -2,7 +2,7 @@
 injected by PEFTMixin before the module's own ``fully_shard`` in ``parallelize``:
 
 - the trained adapters equal a single-process run with the same global batch (every rank starts from
-  rank 0's adapter: FSDP2 does not broadcast, lightning_peft.distributed does);
+  rank 0's adapter: FSDP2 does not broadcast, lightning_peft.integration.distributed does);
 - Lightning's sharded (distributed checkpoint) save is adapter-only, a small fraction of the model;
 - resuming from it gives the uninterrupted run's losses and adapters exactly.
 

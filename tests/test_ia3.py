@@ -14,8 +14,8 @@ from torch import nn
 
 from lightning_peft import IA3, apply_peft, load_adapter, merge_adapters, parameter_summary, save_adapter, unmerge_adapters
 from lightning_peft.core.adapter_layer import adapter_layers
-from lightning_peft.export.merged import save_merged
-from lightning_peft.merge import merged_state_dict
+from lightning_peft.formats.merged import save_merged
+from lightning_peft.operations.merging import merged_state_dict
 from tiny_models import BUILDERS, input_ids, tiny_bert, tiny_gpt2, tiny_llama
 
 ARCHS = sorted(BUILDERS)

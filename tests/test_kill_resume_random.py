@@ -55,7 +55,7 @@ def test_kills_at_random_moments_resume_to_the_same_losses_adapters_and_exports(
     kill every export on disk loads under its final name; the resumed run ends with the uninterrupted losses,
     adapter and exported files, bitwise, and no staging left behind."""
     from lightning_peft import load_adapter
-    from lightning_peft.export.atomic import STAGING_PREFIX, recover_interrupted_write
+    from lightning_peft.formats.atomic import STAGING_PREFIX, recover_interrupted_write
 
     whole = tmp_path / "whole"
     job = start(whole, "--export-dir", str(whole / "export"))

@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_peft import LoRA, apply_peft, disable_adapters, merge_adapters, parameter_summary, unmerge_adapters
 from lightning_peft.core.adapter_layer import adapter_layers
-from lightning_peft.merge import merged_state_dict
+from lightning_peft.operations.merging import merged_state_dict
 from tiny_models import (
     LLAMA_ALL,
     copy_adapters_to_peft,

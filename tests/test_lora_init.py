@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_peft import LoRA, PEFTCallback, Quantization, apply_peft, save_adapter
 from lightning_peft.core.adapter_layer import adapter_layers
-from lightning_peft.export.merged import save_merged
+from lightning_peft.formats.merged import save_merged
 from lightning_peft.methods.lora_ga import estimate_weight_gradients
 from lightning_peft.methods.lora_init import lora_ga_factors
 from lightning_peft.quantization import quantize_model

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_peft.cli import PEFTLightningCLI
+from lightning_peft.recipes.cli import PEFTLightningCLI
 
 pytestmark = [pytest.mark.assets, pytest.mark.slow]
 

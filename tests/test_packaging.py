@@ -52,7 +52,7 @@ def test_plain_lora_never_imports_bitsandbytes():
         "import sys; sys.path.insert(0, 'tests')\n"
         "from tiny_models import tiny_llama\n"
         "from lightning_peft import LoRA, apply_peft, save_adapter, load_adapter, merge_adapters\n"
-        "from lightning_peft.cli import PEFTLightningCLI\n"
+        "from lightning_peft.recipes.cli import PEFTLightningCLI\n"
         "import tempfile\n"
         "model = tiny_llama(0); apply_peft(model, LoRA(r=2, target_modules='all-linear'))\n"
         "path = tempfile.mkdtemp() + '/adapter'; save_adapter(model, path); load_adapter(tiny_llama(0), path)\n"

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups (``lightning_peft.optim``): LoRA+ against HF peft, layer-wise lr decay in closed
+"""Optimizer parameter groups (``lightning_peft.operations.param_groups``): LoRA+ against HF peft, layer-wise lr decay in closed
 form, learning rates through optimizers and schedulers, the tasks, and the YAML command line."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from lightning_peft import (
     param_groups,
 )
 from lightning_peft.core.adapter_layer import AdapterLayer
-from lightning_peft.optim import check_scheduler_keeps_scales
-from lightning_peft.tasks import CausalLMTask
+from lightning_peft.operations.param_groups import check_scheduler_keeps_scales
+from lightning_peft.recipes.tasks import CausalLMTask
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -368,11 +368,11 @@ def _cli_config(tiny_dir: Path, tmp_path: Path) -> str:
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "num_sanity_val_steps": 0, "logger": False,
                     "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
                     "default_root_dir": str(tmp_path / "run")},
-        "model": {"class_path": "lightning_peft.tasks.CausalLMTask", "init_args": {
+        "model": {"class_path": "lightning_peft.recipes.tasks.CausalLMTask", "init_args": {
             "model_name_or_path": str(tiny_dir / "llama"),
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
             "param_groups": {"layer_decay": 0.5}}},
-        "data": {"class_path": "lightning_peft.data.TextFileDataModule", "init_args": {
+        "data": {"class_path": "lightning_peft.recipes.data.TextFileDataModule", "init_args": {
             "tokenizer": str(tiny_dir / "llama"), "train_file": str(tiny_dir / "text.txt"), "block_size": 8, "batch_size": 2}},
         "peft": {"method": {"class_path": "lightning_peft.LoRA", "init_args": {"r": 4, "alpha": 8, "target_modules": TARGETS}}},
     }  # fmt: skip
@@ -382,7 +382,7 @@ def _cli_config(tiny_dir: Path, tmp_path: Path) -> str:
 
 
 def test_yaml_param_groups_build_the_optimizer(tiny_dir, tmp_path, monkeypatch):
-    from lightning_peft.cli import run_cli
+    from lightning_peft.recipes.cli import run_cli
 
     monkeypatch.setattr("sys.argv", ["lightning-peft"])
     # layer_decay from the YAML's nested dict, loraplus_ratio from the command line.
@@ -399,7 +399,7 @@ def test_yaml_param_groups_build_the_optimizer(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_yaml_param_groups_typo_is_named(tiny_dir, tmp_path, monkeypatch, capsys):
-    from lightning_peft.cli import main
+    from lightning_peft.recipes.cli import main
 
     monkeypatch.setattr("sys.argv", ["lightning-peft"])
     assert main(["fit", "--config", _cli_config(tiny_dir, tmp_path), "--model.init_args.param_groups.loraplus_ration=16"]) == 2
@@ -410,7 +410,7 @@ def test_yaml_param_groups_typo_is_named(tiny_dir, tmp_path, monkeypatch, capsys
 
 def test_yaml_param_groups_bad_value_is_named(tiny_dir, tmp_path, monkeypatch):
     """Values are checked by ParamGroups itself when jsonargparse builds it (after parsing, before training)."""
-    from lightning_peft.cli import run_cli
+    from lightning_peft.recipes.cli import run_cli
 
     monkeypatch.setattr("sys.argv", ["lightning-peft"])
     with pytest.raises(ValueError, match=r"layer_decay=1.5 is not allowed: it must be in \(0, 1\]"):

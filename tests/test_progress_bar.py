@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_helpers import LitCausalLM, make_trainer, token_loader
-from lightning_peft.progress_bar import RichStepProgressBar, TQDMStepProgressBar, rich_available, step_progress_bar
+from lightning_peft.recipes.progress_bar import RichStepProgressBar, TQDMStepProgressBar, rich_available, step_progress_bar
 
 RICH = rich_available()
 

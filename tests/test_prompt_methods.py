@@ -22,7 +22,7 @@ from lightning_peft import (
     parameter_summary,
     save_adapter,
 )
-from lightning_peft.checkpointing import adapter_state_names
+from lightning_peft.integration.checkpoints import adapter_state_names
 from lightning_peft.core.injection import remove_adapters
 from lightning_peft.core.transformers_compat import cache_argument
 from tiny_models import VOCAB, input_ids, tiny_bert, tiny_gpt2, tiny_llama

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_peft import LoRA, apply_peft, merge_adapters, unmerge_adapters
 from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.targets import find_targets
-from lightning_peft.export.adapter_dir import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_dir
+from lightning_peft.formats.adapter_dir import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_dir
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SEGMENT = st.sampled_from(["q", "k", "v", "proj", "q_proj", "attn", "mlp", "0", "1", "layers"])

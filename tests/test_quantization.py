@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lightning_peft import LoRA, PEFTCallback, Quantization, apply_peft, merge_adapters, parameter_summary
 from lightning_peft.core.adapter_layer import adapter_layers
-from lightning_peft.export.from_source import QuantizedExportError
-from lightning_peft.export.merged import save_merged
-from lightning_peft.merge import merged_state_dict
+from lightning_peft.formats.from_source import QuantizedExportError
+from lightning_peft.formats.merged import save_merged
+from lightning_peft.operations.merging import merged_state_dict
 from lightning_peft.quantization import (
     QuantizationBackendError,
     bits_per_parameter,
@@ -38,7 +38,7 @@ from lightning_peft.quantization import (
 )
 from lightning_peft.quantization.backend import _probe
 from lightning_peft.quantization.merge import QuantizedMergeError
-from lightning_peft.quantization.prepare import check_trainer_compatibility
+from lightning_peft.integration.strategies import check_trainer_compatibility
 from lightning_peft.quantization.record import quantization_record
 from lightning_helpers import LitCausalLM, LitPEFTCausalLM, make_trainer, token_loader
 from nf4_reference import reference_dequantize, reference_from_codes
@@ -272,7 +272,7 @@ def test_int8_base_is_close_to_full_precision():
 # ------------------------------------------------------------------------------------------------
 def test_nf4_double_quant_costs_4_127_bits_per_weight():
     weight = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
-    from lightning_peft.quantization.replace import quantized_linear
+    from lightning_peft.quantization.layers import quantized_linear
 
     nf4_dq = bits_per_parameter(quantized_linear(weight, None, Quantization(), "cpu"))
     assert abs(nf4_dq - 4.127) / 4.127 < 0.02, nf4_dq
@@ -551,7 +551,7 @@ def test_yaml_qlora_with_a_bitsandbytes_optimizer_and_merged_export(tiny_dir, tm
     """`model.init_args.quantization` streams the checkpoint into 4-bit; `peft.quantization` quantizes in place."""
     import yaml
 
-    from lightning_peft.cli import run_cli
+    from lightning_peft.recipes.cli import run_cli
 
     monkeypatch.setattr("sys.argv", ["lightning-peft"])
     quantization = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
@@ -560,10 +560,10 @@ def test_yaml_qlora_with_a_bitsandbytes_optimizer_and_merged_export(tiny_dir, tm
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "num_sanity_val_steps": 0, "logger": False,
                     "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
                     "default_root_dir": str(tmp_path / "run")},
-        "model": {"class_path": "lightning_peft.tasks.CausalLMTask", "init_args": {
+        "model": {"class_path": "lightning_peft.recipes.tasks.CausalLMTask", "init_args": {
             "model_name_or_path": str(tiny_dir / "llama"),
             "optimizer": {"class_path": "bitsandbytes.optim.AdamW8bit", "init_args": {"lr": 1e-2}}}},
-        "data": {"class_path": "lightning_peft.data.TextFileDataModule", "init_args": {
+        "data": {"class_path": "lightning_peft.recipes.data.TextFileDataModule", "init_args": {
             "tokenizer": str(tiny_dir / "llama"), "train_file": str(tiny_dir / "text.txt"), "block_size": 16, "batch_size": 4}},
         "peft": {"method": {"class_path": "lightning_peft.LoRA", "init_args": {"r": 4, "target_modules": "all-linear"}},
                  "export_dir": str(tmp_path / "export"), "export_merged": True},
@@ -586,8 +586,8 @@ def test_yaml_qlora_with_a_bitsandbytes_optimizer_and_merged_export(tiny_dir, tm
 
 def test_task_checkpoint_reloads_into_4bit_with_its_adapters(tiny_dir, tmp_path):
     """`load_from_checkpoint` rebuilds the 4-bit base from the task's own `quantization` argument."""
-    from lightning_peft.data import TextFileDataModule
-    from lightning_peft.tasks import CausalLMTask
+    from lightning_peft.recipes.data import TextFileDataModule
+    from lightning_peft.recipes.tasks import CausalLMTask
 
     task = CausalLMTask(str(tiny_dir / "llama"), quantization=F32, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     data = TextFileDataModule(str(tiny_dir / "llama"), str(tiny_dir / "text.txt"), block_size=16, batch_size=4)
@@ -604,11 +604,11 @@ def test_task_checkpoint_reloads_into_4bit_with_its_adapters(tiny_dir, tmp_path)
 
 
 def test_yaml_bad_quantization_value_is_named(tiny_dir, tmp_path, monkeypatch, capsys):
-    from lightning_peft.cli import main
+    from lightning_peft.recipes.cli import main
 
     monkeypatch.setattr("sys.argv", ["lightning-peft"])
-    args = ["fit", f"--model=lightning_peft.tasks.CausalLMTask", f"--model.model_name_or_path={tiny_dir / 'llama'}",
-            "--data=lightning_peft.data.TextFileDataModule", f"--data.tokenizer={tiny_dir / 'llama'}",
+    args = ["fit", f"--model=lightning_peft.recipes.tasks.CausalLMTask", f"--model.model_name_or_path={tiny_dir / 'llama'}",
+            "--data=lightning_peft.recipes.data.TextFileDataModule", f"--data.tokenizer={tiny_dir / 'llama'}",
             f"--data.train_file={tiny_dir / 'text.txt'}", "--model.quantization.bits=3"]  # fmt: skip
     assert main(args) == 2
     first = capsys.readouterr().err.strip().splitlines()[0]

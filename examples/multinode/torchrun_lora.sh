@@ -14,6 +14,6 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 
 torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
   --master-addr "$HEAD_NODE" --master-port 29500 \
-  -m lightning_peft.cli fit --config configs/lora.yaml \
+  -m lightning_peft.recipes.cli fit --config configs/lora.yaml \
   --trainer.accelerator gpu --trainer.devices "$GPUS_PER_NODE" --trainer.num_nodes "$NNODES" \
   --trainer.strategy ddp --trainer.precision bf16-mixed

@@ -10,14 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules
-from lightning_peft.core.sharding import state_dict_name
 from lightning_peft.core.fingerprint import forget_base_fingerprint, remember_base_fingerprint
 from lightning_peft.core.kbit_cpu_kernel import select_cpu_kernel
-from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.core.sharding import state_dict_name
+
+if TYPE_CHECKING:  # annotations only: methods build on core, core never runs method code by name
+    from lightning_peft.methods.base import PEFTMethod
 
 # Set on the model root so later calls (another stage, a checkpoint restore, an export) know which
 # method the adapters came from.

@@ -29,7 +29,7 @@ Initialisation:
 
 Adapters add modules, so they cannot be merged into the base weights: serve the base model with the
 adapter loaded (:func:`~lightning_peft.load_adapter`). They are saved in lightning_peft's own format
-(HF peft has no bottleneck adapters); see :mod:`lightning_peft.export.native_format`.
+(HF peft has no bottleneck adapters); see :mod:`lightning_peft.formats.native_format`.
 
 Adapter tensors are float32 on any base dtype; the adapter's output is cast back to the base output's.
 """

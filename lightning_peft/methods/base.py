@@ -9,7 +9,6 @@ rebuild the adapters) without a second, hand-kept list of fields.
 from __future__ import annotations
 
 import abc
-
 import importlib
 import inspect
 from collections.abc import Sequence
@@ -37,8 +36,18 @@ class PEFTMethod(abc.ABC):
     #: What :meth:`supports` accepts, for error messages.
     supported_description = "nn.Linear"
     #: Whether HF peft has a file format for this method (:meth:`peft_config`). Methods without one are
-    #: saved in lightning_peft's own format (:mod:`lightning_peft.export.native_format`).
+    #: saved in lightning_peft's own format (:mod:`lightning_peft.formats.native_format`).
     has_peft_format = True
+    #: The ``peft_type`` of the HF peft ``adapter_config.json`` files this class reads (:meth:`reads_peft_config`);
+    #: ``None`` for methods peft has no format for. Declared on the class itself, a subclass (a user's variant)
+    #: does not claim its parent's files.
+    peft_type: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Self-registration: defining a method class is all it takes for peft files, the CLI's list of methods
+        # and the package's public names to know it (no table to keep in step elsewhere).
+        super().__init_subclass__(**kwargs)
+        _REGISTERED.append(cls)
 
     def __init__(
         self,
@@ -51,6 +60,11 @@ class PEFTMethod(abc.ABC):
         self.modules_to_save = list(modules_to_save) if modules_to_save else []
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules=[] selects nothing; give names, a regex, 'all-linear' or None")
+
+    @classmethod
+    def reads_peft_config(cls, config: dict[str, Any]) -> bool:
+        """Whether this class is the one that reads a peft ``adapter_config.json`` (``config``)."""
+        return "peft_type" in vars(cls) and cls.peft_type is not None and config.get("peft_type") == cls.peft_type
 
     # -- what a method implements -----------------------------------------------------------------
     @abc.abstractmethod
@@ -130,6 +144,23 @@ class PEFTMethod(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
         return f"{type(self).__name__}({args})"
+
+
+_REGISTERED: list[type[PEFTMethod]] = []
+
+
+def registered_methods() -> list[type[PEFTMethod]]:
+    """Every concrete method class defined so far, in definition order (abstract bases left out)."""
+    return [cls for cls in _REGISTERED if not inspect.isabstract(cls)]
+
+
+def method_for_peft_config(config: dict[str, Any]) -> type[PEFTMethod]:
+    """The method class that reads a peft ``adapter_config.json``; a clear error for a ``peft_type`` none reads."""
+    readers = [cls for cls in registered_methods() if cls.reads_peft_config(config)]
+    if not readers:
+        known = sorted({cls.peft_type for cls in registered_methods() if "peft_type" in vars(cls) and cls.peft_type})
+        raise ValueError(f"unsupported adapter peft_type {config.get('peft_type')!r}; this version reads {known}")
+    return readers[0]
 
 
 def require_peft_targets(config: dict[str, Any]) -> None:

@@ -54,6 +54,7 @@ class DoRA(LoRA):
     """
 
     name = "dora"
+    peft_type = "LORA"  # peft writes DoRA as LoRA with use_dora: true
     # The magnitude starts at ||W||_row, the norm of the layer at step 0 only when B A starts at zero.
     supported_inits = ("kaiming", "gaussian")
 
@@ -62,6 +63,10 @@ class DoRA(LoRA):
 
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         return {**super().peft_config(model, targets), "use_dora": True}
+
+    @classmethod
+    def reads_peft_config(cls, config: dict[str, Any]) -> bool:
+        return "peft_type" in vars(cls) and config.get("peft_type") == cls.peft_type and bool(config.get("use_dora"))
 
 
 

@@ -68,6 +68,7 @@ class IA3(PEFTMethod):
     """
 
     name = "ia3"
+    peft_type = "IA3"
     supported_description = "nn.Linear and transformers Conv1D"
 
     def __init__(

@@ -139,6 +139,7 @@ class LlamaAdapter(PEFTMethod):
     """
 
     name = "llama_adapter"
+    peft_type = "ADAPTION_PROMPT"
     supported_description = "attention modules with q_proj, k_proj, v_proj, o_proj and rotary position embeddings"
 
     def __init__(self, adapter_len: int = 10, adapter_layers: int = 8, gate: Gate = "per_head", modules_to_save: list[str] | None = None) -> None:

@@ -49,6 +49,7 @@ from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules, is_
 from lightning_peft.core.targets import TargetSpec, linear_types
 from lightning_peft.methods.base import PEFTMethod, require_peft_targets
 from lightning_peft.methods.lora_init import olora_factors, pissa_factors
+from lightning_peft.quantization.layers import dequantized_weight
 
 LoRAInit = Literal["kaiming", "gaussian", "pissa", "olora", "lora_ga"]
 INITS: tuple[str, ...] = get_args(LoRAInit)
@@ -87,6 +88,7 @@ class LoRA(PEFTMethod):
     resume_safe_arguments = ("dropout",)
 
     name = "lora"
+    peft_type = "LORA"
     supported_inits: tuple[str, ...] = INITS
     supported_description = "nn.Linear, transformers Conv1D, nn.Embedding and bitsandbytes Linear4bit/Linear8bitLt"
 
@@ -182,11 +184,11 @@ class LoRA(PEFTMethod):
         }
 
     @classmethod
-    def from_peft_config(cls, config: dict[str, Any]) -> LoRA:
-        if config.get("use_dora") and cls is LoRA:
-            from lightning_peft.methods.dora import DoRA
+    def reads_peft_config(cls, config: dict[str, Any]) -> bool:
+        return super().reads_peft_config(config) and not config.get("use_dora")  # DoRA reads use_dora files
 
-            return DoRA.from_peft_config(config)
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> LoRA:
         require_peft_targets(config)
         init = config.get("init_lora_weights", True)
         if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_MOVING_INITS):
@@ -315,8 +317,6 @@ class LoRALayer(AdapterLayer):
         """The base weight as float32 in the (out, in) orientation of ``B @ A`` (dequantized if k-bit)."""
         weight = self.base_layer.weight
         if is_kbit_weight(weight):
-            from lightning_peft.quantization.replace import dequantized_weight
-
             return dequantized_weight(self.base_layer)
         weight = weight.detach().float()
         return weight if self.kind == "linear" else weight.T

@@ -35,7 +35,14 @@ import torch
 from torch import nn
 
 from lightning_peft.core.model_geometry import ModelGeometry, model_geometry
-from lightning_peft.core.transformers_compat import cache_argument, cache_layer_states, call_cache, new_dynamic_cache, output_cache, set_call_cache
+from lightning_peft.core.transformers_compat import (
+    cache_argument,
+    cache_layer_states,
+    call_cache,
+    new_dynamic_cache,
+    output_cache,
+    set_call_cache,
+)
 from lightning_peft.methods.virtual_tokens import VirtualTokenMethod, VirtualTokens, check_choice, check_positive
 
 PrefixInit = Literal["random", "vocab"]

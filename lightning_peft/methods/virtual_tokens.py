@@ -31,7 +31,6 @@ scores that token too; its logits are the same as ours.)
 from __future__ import annotations
 
 import abc
-
 import inspect
 from typing import Any, get_args
 
@@ -224,7 +223,7 @@ class VirtualTokenMethod(PEFTMethod):
 
     supported_description = "transformers models with input embeddings"
     #: HF peft's ``peft_type`` for this method's files.
-    peft_type = ""
+    peft_type: str
 
     def __init__(self, num_virtual_tokens: int, modules_to_save: list[str] | None = None) -> None:
         super().__init__(modules_to_save=modules_to_save)

@@ -11,12 +11,14 @@
 """
 
 from lightning_peft.core.kbit_cpu_kernel import select_cpu_kernel
-from lightning_peft.quantization.backend import QuantizationBackendError, check_backend
+from lightning_peft.quantization.backend import check_backend
+from lightning_peft.quantization.bnb import QuantizationBackendError
 from lightning_peft.quantization.config import Quantization
+from lightning_peft.quantization.layers import dequantized_weight, is_quantized_linear
 from lightning_peft.quantization.loading import load_quantized
 from lightning_peft.quantization.memory import bits_per_parameter, model_weight_bytes
 from lightning_peft.quantization.prepare import prepare_model_for_kbit_training
-from lightning_peft.quantization.replace import dequantized_weight, is_quantized_linear, quantize_model
+from lightning_peft.quantization.replace import quantize_model
 
 __all__ = [
     "Quantization",

@@ -11,28 +11,12 @@ error that names the device, the format and what bitsandbytes said.
 from __future__ import annotations
 
 import functools
-from types import ModuleType
 
 import torch
 
+from lightning_peft.quantization.bnb import QuantizationBackendError, import_bitsandbytes
 from lightning_peft.quantization.config import Quantization
-
-
-class QuantizationBackendError(RuntimeError):
-    """bitsandbytes, or its backend for the current device, cannot run the requested quantization."""
-
-
-def import_bitsandbytes() -> ModuleType:
-    """``bitsandbytes``, or a :class:`QuantizationBackendError` that says how to get it."""
-    try:
-        import bitsandbytes
-    except Exception as err:  # noqa: BLE001 - ImportError, or a broken native library failing at import
-        raise QuantizationBackendError(
-            f"k-bit quantization needs bitsandbytes, which could not be imported ({type(err).__name__}: {err}). "
-            f"Install it with `pip install 'bitsandbytes>=0.45'`, or drop `quantization` to train LoRA on the "
-            f"full-precision base."
-        ) from err
-    return bitsandbytes
+from lightning_peft.quantization.layers import quantized_linear
 
 
 def check_backend(config: Quantization, device: torch.device | str = "cpu") -> None:
@@ -53,7 +37,6 @@ def check_backend(config: Quantization, device: torch.device | str = "cpu") -> N
 @functools.lru_cache(maxsize=None)
 def _probe(device_type: str, bits: int, quant_type: str, compute_dtype: str, quant_storage: str, block_size: int) -> None:
     bnb = import_bitsandbytes()
-    from lightning_peft.quantization.replace import quantized_linear
 
     config = Quantization(
         bits=bits, quant_type=quant_type, compute_dtype=compute_dtype, quant_storage=quant_storage, block_size=block_size  # type: ignore[arg-type]

@@ -34,6 +34,8 @@ from torch import nn
 from lightning_peft.core.injection import _set_submodule
 from lightning_peft.quantization.backend import check_backend
 from lightning_peft.quantization.config import Quantization
+from lightning_peft.quantization.layers import is_quantized_linear, quantized_linear
+from lightning_peft.quantization.rank0_loading import empty_quantized_model, share_from_rank0
 from lightning_peft.quantization.record import (
     OriginalWeight,
     QuantizationRecord,
@@ -41,7 +43,7 @@ from lightning_peft.quantization.record import (
     resolve_source,
     set_quantization_record,
 )
-from lightning_peft.quantization.replace import is_quantized_linear, quantizable_linears, quantized_linear, release_host_memory
+from lightning_peft.quantization.replace import quantizable_linears, release_host_memory
 from lightning_peft.quantization.safetensors_stream import checkpoint_index, iter_tensors
 
 
@@ -245,8 +247,6 @@ def load_quantized(
     model = empty_model(config, model_class or AutoModelForCausalLM, dtype)
     sharing = rank0_only and quantization.bits == 4 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if sharing and dist.get_rank() != 0:
-        from lightning_peft.quantization.rank0_loading import empty_quantized_model, share_from_rank0
-
         model = empty_quantized_model(model, share_from_rank0(None), quantization, torch.device(device))
         return _named_and_ready(model, config, model_name_or_path, path)
     model_names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
@@ -266,8 +266,6 @@ def load_quantized(
     # The source is the directory itself: a merged export re-reads the original weights from it.
     quantization_record(model).source = str(path.absolute())
     if sharing:
-        from lightning_peft.quantization.rank0_loading import share_from_rank0
-
         share_from_rank0(model)
     return _named_and_ready(model, config, model_name_or_path, path)
 

@@ -3,7 +3,7 @@
 A 4-bit matrix cannot absorb ``s * B @ A``: the merge dequantizes the whole matrix, adds the update
 and quantizes the sum again, which re-rounds every weight (NF4: about 9% relative error, most of it
 on weights the adapter did not change). For a deployable model, export merged 16-bit weights made
-from the original checkpoint instead (:func:`lightning_peft.export.merged.save_merged`). This module
+from the original checkpoint instead (:func:`lightning_peft.formats.merged.save_merged`). This module
 exists for the cases where a k-bit merged model is what is wanted, and it reports what it cost.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer
 from lightning_peft.quantization.config import Quantization
-from lightning_peft.quantization.replace import dequantized_weight, quantized_linear
+from lightning_peft.quantization.layers import dequantized_weight, quantized_linear
 
 
 class QuantizedMergeError(ValueError):

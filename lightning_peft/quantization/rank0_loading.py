@@ -9,7 +9,7 @@ state (block scales and the NF4 code book, about 1/32 of the codes' size with do
 bitsandbytes keeps beside the weight, not as a parameter or buffer, together with the dtype of every parameter,
 so the empty model matches rank 0's exactly. FSDP1 then materialises each unit (``param_init_fn``) and copies rank
 0's values into it (``sync_module_states=True``) one unit at a time before sharding it:
-:func:`lightning_peft.fsdp_wrapping.configure_fsdp1` sets both when it sees a model with meta parameters.
+:func:`lightning_peft.integration.strategies.configure_fsdp1` sets both when it sees a model with meta parameters.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def main() -> None:
 
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
             state = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-        from lightning_peft.checkpointing import state_dict_name
+        from lightning_peft.integration.checkpoints import state_dict_name
 
         state = {state_dict_name(n): t for n, t in state.items()}
     else:

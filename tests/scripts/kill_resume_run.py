@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_helpers import LitCausalLM, run_distributed_script, token_batches  # noqa: E402
 
 from lightning_peft import IA3, Adapter, LoRA, PEFTCallback, PromptTuning, Quantization  # noqa: E402
-from lightning_peft.resumable_sampler import ResumableDataLoader, resume_position  # noqa: E402
+from lightning_peft.integration.resumable_sampler import ResumableDataLoader, resume_position  # noqa: E402
 
 METHODS = {
     "lora": lambda: LoRA(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]),

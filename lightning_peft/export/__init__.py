@@ -1,1 +1,0 @@
-"""Writing and reading adapters and merged models in the formats the ecosystem reads."""
