@@ -44,7 +44,7 @@ def injected_method(model: nn.Module) -> PEFTMethod | None:
     return getattr(model, METHOD_ATTRIBUTE, None)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -55,7 +55,7 @@ def inject_adapters(model: nn.Module, method: PEFTMethod) -> list[str]:
     model (prompt tuning's virtual tokens); returns the names of the adapters."""
     targets = method.find_targets(model)
     for name, layer in method.wrap_targets(model, targets).items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     return targets + method.attach(model)
 
 
@@ -168,7 +168,7 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     effect is dropped unless merged)."""
     for name, adapter in list(adapter_modules(model)):
         if isinstance(adapter, AdapterLayer):
-            _set_submodule(model, name, adapter.base_layer)
+            set_submodule(model, name, adapter.base_layer)
         else:
             adapter.detach(model)
     if hasattr(model, METHOD_ATTRIBUTE):

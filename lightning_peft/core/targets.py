@@ -64,14 +64,14 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _name_matches(name: str, key: str) -> bool:
+def name_matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def _matches(name: str, spec: str | Sequence[str]) -> bool:
+def matches(name: str, spec: str | Sequence[str]) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(_name_matches(name, key) for key in spec)
+    return any(name_matches(name, key) for key in spec)
 
 
 def exact_names_pattern(names: Sequence[str]) -> str:
@@ -134,9 +134,9 @@ def find_targets(
         if not selected:
             raise ValueError(f"target_modules='all-linear' found no linear layer in {type(model).__name__}")
     else:
-        selected = [n for n in all_names if _matches(n, spec)]
+        selected = [n for n in all_names if matches(n, spec)]
         if not isinstance(spec, str):
-            unmatched = [key for key in spec if not any(_name_matches(n, key) for n in all_names)]
+            unmatched = [key for key in spec if not any(name_matches(n, key) for n in all_names)]
             if unmatched:
                 raise ValueError(
                     f"target_modules entries {unmatched} matched no module of {type(model).__name__}. "
@@ -159,7 +159,7 @@ def find_targets(
             )
 
     if exclude_modules:
-        excluded = [n for n in selected if _matches(n, exclude_modules)]
+        excluded = [n for n in selected if matches(n, exclude_modules)]
         if not excluded:
             raise ValueError(f"exclude_modules={exclude_modules!r} matched none of the {len(selected)} selected targets")
         selected = [n for n in selected if n not in excluded]

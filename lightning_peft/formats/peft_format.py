@@ -31,7 +31,7 @@ from lightning_peft.core.fingerprint import base_fingerprint, check_fingerprint
 from lightning_peft.core.injection import apply_peft, injected_method, injection_rolled_back_on_error, modules_to_save_parameters
 from lightning_peft.core.model_lookup import resolve_model
 from lightning_peft.core.sharding import state_dict_name
-from lightning_peft.core.targets import _matches, _name_matches, exact_names_pattern, find_targets
+from lightning_peft.core.targets import matches, name_matches, exact_names_pattern, find_targets
 from lightning_peft.formats.adapter_dir import FINGERPRINT_KEY, METHOD_KEY, check_tensors_fit, read_adapter_dir, write_adapter_dir
 from lightning_peft.formats.native_format import is_native_config, load_native_adapter, save_native_adapter
 from lightning_peft.methods import PEFTMethod, method_for_peft_config, method_from_dict
@@ -131,9 +131,9 @@ def _prune_peft_names(config: dict[str, Any], model: nn.Module) -> dict[str, Any
     config = dict(config)
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        config["target_modules"] = [t for t in targets if any(_name_matches(n, t) for n in names)] or targets
+        config["target_modules"] = [t for t in targets if any(name_matches(n, t) for n in names)] or targets
     if config.get("modules_to_save"):
-        kept = [m for m in config["modules_to_save"] if any(_name_matches(n, m) for n in names)]
+        kept = [m for m in config["modules_to_save"] if any(name_matches(n, m) for n in names)]
         config["modules_to_save"] = list(dict.fromkeys(kept)) or None
     exclude = config.get("exclude_modules")
     if exclude:
@@ -142,9 +142,9 @@ def _prune_peft_names(config: dict[str, Any], model: nn.Module) -> dict[str, Any
         except ValueError:
             return config  # let the method report the bad targets
         if isinstance(exclude, str):
-            config["exclude_modules"] = exclude if any(_matches(n, exclude) for n in selected) else None
+            config["exclude_modules"] = exclude if any(matches(n, exclude) for n in selected) else None
         else:
-            config["exclude_modules"] = [e for e in exclude if any(_name_matches(n, e) for n in selected)] or None
+            config["exclude_modules"] = [e for e in exclude if any(name_matches(n, e) for n in selected)] or None
     return config
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules, is_kbit_weight
-from lightning_peft.core.targets import TargetSpec, _matches, _name_matches
+from lightning_peft.core.targets import TargetSpec, matches, name_matches
 from lightning_peft.methods.base import PEFTMethod, require_peft_targets
 
 # model_type -> (targets, the feed-forward ones among them).
@@ -94,7 +94,7 @@ class IA3(PEFTMethod):
 
     def is_feedforward(self, name: str, spec: TargetSpec = None) -> bool:
         spec = self.feedforward_modules if spec is None else spec
-        return bool(spec) and _matches(name, spec)
+        return bool(spec) and matches(name, spec)
 
     # -- targets ------------------------------------------------------------------------------------
     def _defaults(self, model: nn.Module) -> tuple[list[str], list[str]]:
@@ -117,7 +117,7 @@ class IA3(PEFTMethod):
         targets = self.select_targets(model, spec)
         feedforward = self._feedforward_spec(model)
         if isinstance(feedforward, list):
-            stray = [key for key in feedforward if not any(_name_matches(t, key) for t in targets)]
+            stray = [key for key in feedforward if not any(name_matches(t, key) for t in targets)]
             if stray:
                 raise ValueError(f"feedforward_modules entries {stray} match none of the IA3 targets; each must name a target")
         return targets

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_peft.core.injection import _set_submodule
+from lightning_peft.core.injection import set_submodule
 from lightning_peft.quantization.backend import check_backend
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.quantization.layers import is_quantized_linear, quantized_linear
@@ -157,7 +157,7 @@ def load_streaming(
             layer = quantized_linear(tensor, bias, quantization, device)
             if module.bias is not None and module.bias.is_meta:
                 layer.bias = nn.Parameter(torch.empty(module.out_features, device="meta"))  # arrives later
-            _set_submodule(model, module_name, layer)
+            set_submodule(model, module_name, layer)
             report.quantized.append(module_name)
         else:
             _place(module, attribute, tensor, device)
@@ -197,7 +197,7 @@ def _finish(
         init(module)
         if owner in to_quantize:  # new, but still one of the layers to quantize: not silently left 16-bit
             layer = quantized_linear(module.weight, module.bias, quantization, device)
-            _set_submodule(model, owner, layer)
+            set_submodule(model, owner, layer)
             report.quantized.append(owner)
     report.initialised = [n for n, _ in missing]
     rank_zero_warn(

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_peft.core.injection import _set_submodule
+from lightning_peft.core.injection import set_submodule
 from lightning_peft.core.kbit_cpu_kernel import select_cpu_kernel
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.quantization.record import QuantizationRecord, set_quantization_record
@@ -74,7 +74,7 @@ def empty_quantized_model(empty: nn.Module, layout: dict[str, Any], quantization
         layer.quant_state = state
         if spec["bias"] is not None:
             layer.bias = nn.Parameter(torch.empty(spec["out_features"], dtype=spec["bias"], device="meta"))
-        _set_submodule(empty, name, layer)
+        set_submodule(empty, name, layer)
     for name, (shape, dtype) in layout["parameters"].items():
         owner, _, attribute = name.rpartition(".")
         module = empty.get_submodule(owner)

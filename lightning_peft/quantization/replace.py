@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import adapter_layers
-from lightning_peft.core.injection import _set_submodule
-from lightning_peft.core.targets import _name_matches, output_head_names
+from lightning_peft.core.injection import set_submodule
+from lightning_peft.core.targets import name_matches, output_head_names
 from lightning_peft.quantization.backend import check_backend
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.quantization.layers import is_quantized_linear, quantized_linear
@@ -59,11 +59,11 @@ def quantizable_linears(model: nn.Module, config: Quantization) -> list[str]:
     heads = output_head_names(model)
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not is_quantized_linear(m)]
     skip = config.skip_modules or []
-    unmatched = [key for key in skip if not any(_name_matches(name, key) for name, _ in model.named_modules())]
+    unmatched = [key for key in skip if not any(name_matches(name, key) for name, _ in model.named_modules())]
     if unmatched:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
         raise ValueError(f"skip_modules entries {unmatched} matched no module of {type(model).__name__}; linear layers: {', '.join(leaves)}")
-    selected = [n for n in linears if n not in heads and not any(_name_matches(n, key) for key in skip)]
+    selected = [n for n in linears if n not in heads and not any(name_matches(n, key) for key in skip)]
     if not selected:
         others = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("Conv1D", "Conv2d", "Embedding")})
         raise ValueError(
@@ -113,7 +113,7 @@ def quantize_model(model: nn.Module, config: Quantization, device: torch.device 
         target = torch.device(device) if device is not None else linear.weight.device
         layer = quantized_linear(linear.weight, linear.bias, config, target)
         layer.train(linear.training)
-        _set_submodule(model, name, layer)  # the last reference to the full-precision weight goes here
+        set_submodule(model, name, layer)  # the last reference to the full-precision weight goes here
         del linear
         release_host_memory()
     set_quantization_record(model, QuantizationRecord(config, originals, source_of(model)))
