@@ -214,6 +214,15 @@ def clean_environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
 
 
+def shard_llama_fsdp2(model: nn.Module, mesh: Any) -> None:
+    """FSDP2 the usual way: every decoder layer, then the root, over ``mesh`` (after the adapters were injected)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def run_distributed_script(main) -> None:
     """Run a distributed test script's ``main`` and then take its process group down explicitly.
 

@@ -138,7 +138,7 @@ def test_broadcast_is_a_no_op_without_a_process_group():
 def test_a_sharded_last_checkpoint_rewritten_in_place_is_warned(tmp_path, save_last, strategy, warned, recwarn):
     """Lightning rewrites a sharded last.ckpt directory in place (tests/test_kill_resume.py kills FSDP2 with a link)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
     from lightning_peft.integration.strategies import warn_in_place_last_checkpoint
 
@@ -146,10 +146,8 @@ def test_a_sharded_last_checkpoint_rewritten_in_place_is_warned(tmp_path, save_l
         "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         "fsdp-sharded": lambda: FSDPStrategy(state_dict_type="sharded"),
         "fsdp-full": lambda: FSDPStrategy(state_dict_type="full"),
+        "ddp": DDPStrategy,
     }
-    from lightning.pytorch.strategies import DDPStrategy
-
-    strategies["ddp"] = DDPStrategy
     # Only the strategy and the checkpoint callbacks are read (Lightning's FSDP1 refuses a CPU Trainer).
     trainer = SimpleNamespace(strategy=strategies[strategy](), checkpoint_callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=save_last)])
     warn_in_place_last_checkpoint(trainer)

@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_helpers import LitPEFTCausalLM, run_distributed_script, tiny_llama, token_batches  # noqa: E402
+from lightning_helpers import LitPEFTCausalLM, run_distributed_script, shard_llama_fsdp2, tiny_llama, token_batches  # noqa: E402
 from lightning_peft import LoRA, PEFTCallback, Quantization  # noqa: E402
 
 
@@ -54,12 +54,7 @@ class ShardedFSDP2LM(LitPEFTCausalLM):
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None:  # single process: nothing to shard
             return
-        from torch.distributed.fsdp import fully_shard
-
-        data_parallel = mesh["data_parallel"]
-        for layer in self.model.model.layers:
-            fully_shard(layer, mesh=data_parallel)
-        fully_shard(self.model, mesh=data_parallel)
+        shard_llama_fsdp2(self.model, mesh["data_parallel"])
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_helpers import LitCausalLM, run_distributed_script, token_batches  # noqa: E402
+from lightning_helpers import LitCausalLM, run_distributed_script, shard_llama_fsdp2, token_batches  # noqa: E402
 
 from lightning_peft import IA3, Adapter, LoRA, PEFTCallback, PromptTuning, Quantization  # noqa: E402
 from lightning_peft.integration.resumable_sampler import ResumableDataLoader, resume_position  # noqa: E402
@@ -48,12 +48,7 @@ class ShardedLitCausalLM(LitCausalLM):
     """FSDP2: every decoder layer and the root sharded over the data-parallel mesh (adapters injected by then)."""
 
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        shard_llama_fsdp2(self.model, self.device_mesh["data_parallel"])
 
 
 class Record(Callback):
