@@ -62,7 +62,7 @@ class PEFTCallback(Callback):
             (or unchanged) adapter over the trained export of an earlier run; it is skipped with a warning.
 
     Exports write only their own files into ``export_dir`` (other files there are kept) and replace an earlier
-    export so that the old or the new one is loadable at every instant (see ``export/atomic.py``). An adapter
+    export so that the old or the new one is loadable at every instant (see ``formats/atomic.py``). An adapter
     with NaN or inf values is never exported: the run diverged, and ``fit`` ends with an error saying so.
     With ``export_on="checkpoint"``, ``step-N/`` exports follow the checkpoint callback's retention: an export
     is removed when the checkpoint of its step is (``save_top_k``).
