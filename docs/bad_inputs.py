@@ -25,7 +25,8 @@ AREAS = {
     "test_callback": "callback and exports", "test_export": "files", "test_export_writes": "files",
     "test_adapter_integrity": "files", "test_transactions": "files", "test_properties": "files",
     "test_distributed": "strategies", "test_fsdp1": "strategies", "test_fsdp2": "strategies", "test_deepspeed": "strategies",
-    "test_data": "data", "test_transformers_compat": "models",
+    "test_data": "data", "test_transformers_compat": "models", "test_pruning": "pruning", "test_layerdrop": "LayerDrop",
+    "test_composition": "composition", "test_sparse_ft": "sparse fine-tuning",
 }  # fmt: skip
 
 

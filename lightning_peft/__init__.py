@@ -13,6 +13,7 @@ from lightning_peft.integration.mixin import PEFTMixin
 from lightning_peft.methods import METHODS, PEFTMethod
 from lightning_peft.operations.merging import disable_adapters, merge_adapters, unmerge_adapters
 from lightning_peft.operations.param_groups import ParamGroups, apply_lr_scales, build_param_groups, lr_multipliers, param_groups
+from lightning_peft.operations.pruning import prune_layers
 from lightning_peft.quantization import Quantization
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = sorted(
         "merge_adapters",
         "param_groups",
         "parameter_summary",
+        "prune_layers",
         "save_adapter",
         "unmerge_adapters",
     ]

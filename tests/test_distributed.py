@@ -1,6 +1,6 @@
 """Data-parallel training on CPU (gloo, 2 processes): the same adapters as one process with the same
-global batch, for one method of each family (LoRA, DoRA, (IA)3, a bottleneck adapter, prefix tuning) and
-for QLoRA; and every rank starts from rank 0's adapter without relying on DDP's own broadcast (which
+global batch, for one method of each family (LoRA, DoRA, (IA)3, a bottleneck adapter, prefix tuning), for a
+composition with LayerDrop (the ranks skip the same layers) and for QLoRA; and every rank starts from rank 0's adapter without relying on DDP's own broadcast (which
 FSDP2 does not do)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_helpers import DestroyProcessGroupAtTeardown
 from lightning_helpers import LitCausalLM, make_trainer, token_batches
-from lightning_peft import IA3, Adapter, DoRA, LoRA, PEFTCallback, PrefixTuning, Quantization
+from lightning_peft import IA3, Adapter, DoRA, LayerDrop, LoRA, PEFTCallback, PrefixTuning, Quantization
 from lightning_peft.integration.distributed import broadcast_adapters
 
 GLOBAL_BATCH = 4
@@ -83,6 +83,9 @@ METHODS = {
     "ia3": lambda: (IA3(), None),
     "houlsby": lambda: (Adapter(style="houlsby", reduction_factor=4), None),
     "prefix-tuning": lambda: (PrefixTuning(num_virtual_tokens=4, projection=True), None),
+    # Every rank must skip the same layers at each step (and DDP find the unused parameters): otherwise the
+    # ranks' averaged gradients are not the one-process gradient. Steps 1-3 do skip (test_layerdrop.py).
+    "lora+ia3+layerdrop": lambda: ([LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), IA3(target_modules=["k_proj"], feedforward_modules=[]), LayerDrop(p=0.5)], None),
     "qlora-nf4": lambda: (LoRA(r=4, alpha=8, target_modules="all-linear"), Quantization(bits=4, compute_dtype="float32")),
 }
 

@@ -89,8 +89,11 @@ def check_modules_to_save(model: nn.Module, method: PEFTMethod) -> None:
 
 
 def freeze_base(model: nn.Module, method: PEFTMethod) -> None:
-    """Only adapter parameters and ``modules_to_save`` stay trainable."""
+    """Only adapter parameters and ``modules_to_save`` stay trainable (nothing is frozen for a method that trains
+    the whole model, such as LayerDrop alone)."""
     check_modules_to_save(model, method)
+    if not method.freezes_base:
+        return
     for param in model.parameters():
         param.requires_grad_(False)
     for _, adapter in adapter_modules(model):
@@ -112,6 +115,8 @@ def apply_peft(model: nn.Module, method: PEFTMethod) -> list[str]:
     method cannot wrap), the model is left exactly as it was (no wrapper, no attached module, every
     parameter's ``requires_grad`` as before), so a corrected retry starts from the same model.
     """
+    if isinstance(method, (list, tuple)):
+        raise TypeError(f"apply_peft takes one method; compose several with lightning_peft.Composition({list(method)!r})")
     current = injected_method(model)
     if current is not None:
         if current != method:

@@ -64,7 +64,7 @@ def native_adapter_tensors(model: nn.Module, method: PEFTMethod) -> dict[str, to
 
 def save_native_adapter(model: nn.Module, path: str | os.PathLike, task_type: str | None, metadata: dict[str, str]) -> Path:
     """Write ``model``'s adapters (``injected_method(model)`` has no peft format) to ``path``, atomically."""
-    method = injected_method(model)
+    method = injected_method(model).exported()  # a composition's training-only members (LayerDrop) left out
     tensors = native_adapter_tensors(model, method)
     config = {
         "format": FORMAT,

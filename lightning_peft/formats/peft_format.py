@@ -87,9 +87,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     # Ours, beside peft's fields and ignored by peft: the exact method config (peft warns about unknown
     # keys in adapter_config.json, so it lives in the safetensors header) and the base fingerprint. The
     # method is the one the file describes: P-tuning's encoder, for one, is folded into the prompt it made.
+    exported = method.exported()
+    if exported is None:
+        raise ValueError(
+            f"{method!r} trains no adapter tensors, so there is no adapter to save: the model itself is the result "
+            f"(save it with save_pretrained, or PEFTCallback(export_merged=True))"
+        )
     metadata = {
         "format": "pt",
-        METHOD_KEY: json.dumps(method.exported().to_dict()),
+        METHOD_KEY: json.dumps(exported.to_dict()),
         FINGERPRINT_KEY: json.dumps(base_fingerprint(model)),
     }
     if not method.writes_peft_format(model):
@@ -99,7 +105,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     config: dict[str, Any] = {
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "task_type": _task_type(model),
-        "modules_to_save": method.modules_to_save or None,
+        "modules_to_save": exported.modules_to_save or None,
         "inference_mode": True,
         "revision": None,
     }

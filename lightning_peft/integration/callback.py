@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -33,8 +33,15 @@ from lightning_peft.integration.data_driven_init import initialise_from_trainer,
 from lightning_peft.integration.distributed import full_adapter_parameters
 from lightning_peft.integration.mixin import PEFTMixin
 from lightning_peft.integration.pipeline import prepare_for_training
-from lightning_peft.integration.strategies import check_merged_export, check_strategy, check_trainer_compatibility, configure_fsdp1
+from lightning_peft.integration.strategies import (
+    allow_per_step_graphs,
+    check_merged_export,
+    check_strategy,
+    check_trainer_compatibility,
+    configure_fsdp1,
+)
 from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.composition import as_method
 from lightning_peft.operations.merging import check_mergeable
 from lightning_peft.quantization.config import Quantization
 
@@ -75,7 +82,7 @@ class PEFTCallback(Callback):
 
     def __init__(
         self,
-        method: PEFTMethod,
+        method: Union[PEFTMethod, list[PEFTMethod]],
         model_attr: str | None = None,
         export_dir: str | None = None,
         export_on: ExportWhen = "fit_end",
@@ -83,8 +90,7 @@ class PEFTCallback(Callback):
         quantization: Optional[Quantization] = None,
         export_untrained: bool = False,
     ) -> None:
-        if not isinstance(method, PEFTMethod):
-            raise TypeError(f"method must be a lightning_peft method such as LoRA(...), got {type(method).__name__}")
+        method = as_method(method)  # a list of methods is a Composition
         if export_on not in ("fit_end", "checkpoint", "both"):
             raise ValueError(f"export_on={export_on!r}; choose 'fit_end', 'checkpoint' or 'both'")
         if quantization is not None and not isinstance(quantization, Quantization):
@@ -99,6 +105,7 @@ class PEFTCallback(Callback):
         self._steps_at_fit_start: int | None = None
         self._restored_step: int | None = None  # the global step of the checkpoint this fit resumed from
         self._exported_steps: set[int] = set()
+        self._step_seen: int | None = None  # the global step at the last on_train_batch_end
 
     # -- injection --------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -114,13 +121,19 @@ class PEFTCallback(Callback):
                     f"Use save_weights_only=False (adapter-only checkpoints are small anyway) or export_on='fit_end'"
                 )
         check_merged_export(trainer, self.export_merged)
+        if self.export_dir and self.method.exported() is None and not self.export_merged:
+            raise ValueError(
+                f"export_dir={self.export_dir!r}, but {self.method!r} trains no adapter tensors to export (the whole model "
+                f"trains): pass export_merged=True to export the fine-tuned model in transformers format"
+            )
         if self.export_dir:  # a path that cannot be written fails now, not at fit_end after hours of training
             for name in ("adapter", "merged") if self.export_merged else ("adapter",):
                 check_export_target(Path(self.export_dir) / name)
         # FSDP1 wraps after setup: give it units that keep adapters apart from the frozen base.
         configure_fsdp1(trainer.strategy)
         if isinstance(pl_module, PEFTMixin):
-            check_strategy(trainer, pl_module.peft_model)  # the model may not be built yet (configure_model)
+            check_strategy(trainer, pl_module.peft_model)
+            allow_per_step_graphs(trainer, pl_module.peft_model, self.method)  # the model may not be built yet (configure_model)
             if self.quantization is not None:
                 check_trainer_compatibility(trainer, self.quantization, pl_module.peft_model)
                 pl_module.use_quantization(self.quantization, trainer.strategy.root_device)
@@ -133,6 +146,7 @@ class PEFTCallback(Callback):
                 f"or build it in configure_model and inherit lightning_peft.PEFTMixin"
             )
         check_strategy(trainer, model)
+        allow_per_step_graphs(trainer, model, self.method)
         if self.quantization is not None:
             check_trainer_compatibility(trainer, self.quantization, model)
         prepare_for_training(pl_module, model, self.method, self.quantization, trainer.strategy.root_device, model_attr=self.model_attr)
@@ -154,6 +168,9 @@ class PEFTCallback(Callback):
             check_merged_export_possible(pl_module.peft_model)  # the model exists now; fail before training
             check_mergeable(pl_module.peft_model)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step_seen = trainer.global_step  # restored by now on a resume: the next step is the first new one
+
     # -- checkpoints ------------------------------------------------------------------------------
     # Checkpoint metadata and verification are not done here: Callback hooks miss weights-only saves and
     # run after the weights are loaded. PEFTMixin does both in its module hooks, and setup() installs the
@@ -171,7 +188,15 @@ class PEFTCallback(Callback):
                 self._export(trainer, pl_module, Path(self.export_dir) / f"{STEP_EXPORT_PREFIX}{step}")
                 self._exported_steps.add(step)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.method.before_training_batch(self._model(pl_module), trainer.global_step, batch_idx)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self._step_seen:  # an optimizer step happened (not every batch under accumulation)
+            self._step_seen = trainer.global_step
+            self.method.after_optimizer_step(
+                self._model(pl_module), trainer.global_step, lambda tensor: trainer.strategy.reduce(tensor, reduce_op="mean")
+            )
         self._prune_step_exports(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -223,10 +248,11 @@ class PEFTCallback(Callback):
         # adapter is refused by the writer (the run diverged): the error ends fit, the earlier export stays.
         with full_adapter_parameters(model):
             if trainer.is_global_zero:
-                save_adapter(model, Path(directory) / "adapter")
+                if self.method.exported() is not None:  # LayerDrop alone: a full fine-tune, exported merged only
+                    save_adapter(model, Path(directory) / "adapter")
                 if self.export_merged:
                     save_merged(model, Path(directory) / "merged", tokenizer=getattr(pl_module, "tokenizer", None))
-        rank_zero_info(f"lightning_peft: exported adapter to {Path(directory) / 'adapter'}")
+        rank_zero_info(f"lightning_peft: exported to {directory}")
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._restored_step = int(checkpoint.get("global_step", 0))

@@ -10,6 +10,8 @@ at all (ranks silently training different adapters). Adding a strategy means rea
   the base's parameters, so new adapter parameters would sit outside the sharding, unsynchronised;
 - DDP with ``find_unused_parameters=True`` and reentrant gradient checkpointing, which fails in backward
   with "Expected to mark a variable ready only once";
+- a method that runs different modules at each step (LayerDrop, :func:`allow_per_step_graphs`): DDP must then
+  find unused parameters, and sharded strategies are refused;
 - a merged export under a strategy that holds slices of the base (:func:`check_merged_export`);
 - a k-bit base under a strategy or precision that would destroy or cannot shard it
   (:func:`check_trainer_compatibility`);
@@ -36,7 +38,7 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_peft.core.sharding import is_sharded
@@ -74,6 +76,36 @@ def check_strategy(trainer: Any, model: nn.Module | None) -> None:
                 "variable ready only once'. PEFT needs no find_unused_parameters (DDP only tracks trainable parameters): "
                 "use strategy='ddp', or model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
             )
+
+
+def allow_per_step_graphs(trainer: Any, model: nn.Module | None, method: Any) -> None:
+    """Prepare the strategy for a method whose steps run different modules (LayerDrop skips layers).
+
+    DDP's reducer waits for a gradient of every trainable parameter unless ``find_unused_parameters`` is on; with
+    it on, the parameters of the layers every rank skipped (each rank draws the same) are marked ready without one.
+    Reentrant gradient checkpointing cannot run with that flag (see :func:`check_strategy`). Sharded strategies
+    gather each layer's parameters in its forward and reduce them in its backward, hook by hook; a layer that does
+    not run breaks that schedule (the failures fairseq and DeepSpeed users report), so they are refused.
+    """
+    if not getattr(method, "changes_graph_per_step", False):
+        return
+    strategy = trainer.strategy
+    if shards_parameters(strategy):
+        raise ValueError(
+            f"{method!r} runs different layers at each step, which {type(strategy).__name__} (sharded parameters, gathered "
+            f"and reduced layer by layer) cannot follow; use DDP or one device"
+        )
+    if isinstance(strategy, DDPStrategy):
+        if model is not None and uses_reentrant_checkpointing(model):
+            raise ValueError(
+                f"{method!r} needs DDP(find_unused_parameters=True) (a skipped layer's parameters get no gradient), which fails "
+                f"with reentrant gradient checkpointing; use model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                f"{{'use_reentrant': False}})"
+            )
+        kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if isinstance(kwargs, dict) and not kwargs.get("find_unused_parameters"):
+            kwargs["find_unused_parameters"] = True  # DDP wraps after setup: the flag still takes effect
+            rank_zero_info(f"lightning_peft: DDP find_unused_parameters=True for {type(method).__name__} (skipped layers get no gradient)")
 
 
 def check_merged_export(trainer: Any, export_merged: bool) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from torch import nn
@@ -86,9 +86,52 @@ class PEFTMethod(abc.ABC):
         virtual tokens, with the forward hooks that feed them in); returns their names. None by default."""
         return []
 
-    def exported(self) -> PEFTMethod:
+    # -- training-time hooks (most methods need none) ---------------------------------------------
+    #: Whether applying the method freezes the base model. LayerDrop alone does not: it regularises a full
+    #: fine-tune (every parameter trains, and checkpoints then hold them all).
+    freezes_base: ClassVar[bool] = True
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the adapters are initialised from training batches when fitting starts
+        (:meth:`initialise_from_data`: LoRA-GA's gradient SVD, sparse fine-tuning's index selection)."""
+        return False
+
+    #: Whether the method changes the model's input (virtual token positions or the attention cache): at most one
+    #: such method can be composed with others.
+    composes_inputs: ClassVar[bool] = False
+    #: Whether the set of modules a training step runs changes from step to step (LayerDrop): under DDP, the
+    #: reducer must then look for unused parameters, and sharded strategies cannot be used.
+    changes_graph_per_step: ClassVar[bool] = False
+
+    #: How many training batches :meth:`initialise_from_data` reads (when :attr:`needs_data`).
+    init_batches: int = 0
+
+    def initialise_from_data(
+        self, model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[Any], Any], reduce: Callable[[Any], Any]
+    ) -> None:
+        """Initialise the injected adapters of ``model`` from training data (when :attr:`needs_data`).
+
+        ``batches`` yields what ``loss_fn`` takes; ``loss_fn(batch)`` runs the forward pass and returns the
+        scalar loss (the caller's ``training_step``); this method calls backward itself. ``reduce(tensor)``
+        averages a tensor over the data-parallel ranks, so every rank ends with the same adapters.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no data-driven initialisation")
+
+    def after_optimizer_step(self, model: nn.Module, global_step: int, reduce: Callable[[Any], Any]) -> None:
+        """Called by ``PEFTCallback`` after each optimizer step (``global_step`` is the new step count):
+        for methods whose structure changes during training (sparse fine-tuning's drop and regrow).
+        ``reduce`` averages a tensor over the data-parallel ranks. Nothing by default."""
+
+    def before_training_batch(self, model: nn.Module, global_step: int, batch_idx: int) -> None:
+        """Called by ``PEFTCallback`` before each training batch: for methods whose forward depends on the step
+        (LayerDrop draws which layers to skip from ``(seed, global_step, batch_idx)``, the same on every rank and
+        after a resume). Nothing by default."""
+
+    def exported(self) -> PEFTMethod | None:
         """The method a saved adapter file describes: this one, unless export folds a part that only
-        serves training away (P-tuning's prompt encoder, prefix tuning's reparameterisation MLP)."""
+        serves training away (P-tuning's prompt encoder, prefix tuning's reparameterisation MLP); ``None``
+        for a method that leaves nothing to export (LayerDrop changes how training runs, not the weights)."""
         return self
 
     def writes_peft_format(self, model: nn.Module) -> bool:

@@ -224,6 +224,7 @@ class VirtualTokenMethod(PEFTMethod):
     supported_description = "transformers models with input embeddings"
     #: HF peft's ``peft_type`` for this method's files.
     peft_type: str
+    composes_inputs = True  # the virtual tokens take the model's first input positions (or its attention cache)
 
     def __init__(self, num_virtual_tokens: int, modules_to_save: list[str] | None = None) -> None:
         super().__init__(modules_to_save=modules_to_save)

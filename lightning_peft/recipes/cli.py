@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ProgressBar
@@ -88,7 +88,7 @@ class PEFTLightningCLI(LightningCLI):
         parser.add_class_arguments(PEFTCallback, PEFT_KEY, instantiate=False, skip={"method"}, fail_untyped=False)
         parser.add_argument(
             f"--{PEFT_KEY}.method",
-            type=Optional[PEFTMethod],
+            type=Optional[Union[PEFTMethod, list[PEFTMethod]]],
             default=None,
             help="PEFT method, e.g. {class_path: lightning_peft.LoRA, init_args: {r: 8}}; null: full fine-tuning",
         )
