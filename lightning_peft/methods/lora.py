@@ -38,16 +38,17 @@ the H100 training step by a fifth (``benchmarks/RESULTS.md``). In float32 nothin
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, adapter_modules, is_kbit_weight
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers, adapter_modules, is_kbit_weight
 from lightning_peft.core.targets import TargetSpec, linear_types
 from lightning_peft.methods.base import PEFTMethod, require_peft_targets
+from lightning_peft.methods.lora_ga import estimate_weight_gradients, initialise_from_gradients
 from lightning_peft.methods.lora_init import olora_factors, pissa_factors
 from lightning_peft.quantization.layers import dequantized_weight
 
@@ -147,6 +148,18 @@ class LoRA(PEFTMethod):
     def needs_data(self) -> bool:
         """Whether the init needs training batches (LoRA-GA), run when fitting starts."""
         return self.init == "lora_ga"
+
+    def initialise_from_data(
+        self, model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[Any], Any], reduce: Callable[[Any], Any]
+    ) -> None:
+        """LoRA-GA: set every adapter's initial factors from the SVD of its base weight's gradient, averaged
+        over ``batches`` and then over the ranks (``reduce``), so every rank starts from the same factors
+        (:mod:`lightning_peft.methods.lora_ga`)."""
+        if not self.needs_data:
+            super().initialise_from_data(model, batches, loss_fn, reduce)
+        layers = {name: layer for name, layer in adapter_layers(model) if isinstance(layer, LoRALayer) and layer.has_initial_factors}
+        gradients = estimate_weight_gradients(model, layers, batches, loss_fn)
+        initialise_from_gradients(layers, gradients, self.r, self.lora_ga_gamma, self.svd_niter, reduce=reduce)
 
     def wrap(self, name: str, module: nn.Module) -> LoRALayer:
         if self.moves_base and isinstance(module, nn.Embedding):

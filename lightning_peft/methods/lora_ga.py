@@ -15,28 +15,44 @@ output gradient as it arrives, so:
 
 For ``y`` to carry a gradient while everything is frozen, the adapters' ``B`` keeps ``requires_grad``
 during the estimate; ``B`` is zero, so the output is unchanged, and its ``.grad`` is discarded.
+
+The hook machinery (:func:`accumulate_weight_gradients`) is not LoRA's: sparse fine-tuning
+(:mod:`lightning_peft.methods.sparse_ft`) scores its candidate entries with the same per-batch gradients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lightning_peft.methods.lora import LoRALayer
 from lightning_peft.methods.lora_init import lora_ga_factors
 
+if TYPE_CHECKING:  # annotations only: lora.py imports this module (LoRA.initialise_from_data)
+    from lightning_peft.methods.lora import LoRALayer
 
-def estimate_weight_gradients(
-    model: nn.Module, layers: dict[str, LoRALayer], batches: Iterable[Any], loss_fn: Callable[[Any], torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``dL/dW`` (out x in, float32) of each layer's base weight, averaged over ``batches``.
 
-    ``loss_fn(batch)`` runs the forward pass and returns the scalar loss; this function calls backward.
+def accumulate_weight_gradients(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    carriers: Iterable[nn.Parameter],
+    batches: Iterable[Any],
+    loss_fn: Callable[[Any], torch.Tensor],
+    on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None],
+    method_name: str = "LoRA-GA",
+) -> int:
+    """Run forward and backward on each batch and hand every layer's weight gradient, in factored form, to
+    ``on_gradient(name, g, x)``: ``g`` (tokens, out) and ``x`` (tokens, in), float32, with ``dL/dW = g^T x``
+    for that layer and batch. Returns the number of batches.
+
+    Every parameter of ``model`` is frozen for the duration except ``carriers``: parameters of the adapter
+    layers that give each layer's output a gradient path without changing it (LoRA's zero ``B``, sparse
+    fine-tuning's zero values); their gradients are discarded. ``loss_fn(batch)`` runs the forward pass and
+    returns the scalar loss; this function calls backward. Each layer must be on the loss's path exactly once
+    per batch (a layer called twice has no single ``x`` and ``g``).
     """
-    sums = {name: layer.lora_B.new_zeros(layer.lora_B.shape[0], layer.lora_A.shape[1]) for name, layer in layers.items()}  # (out, in)
     counts = dict.fromkeys(layers, 0)
 
     def record(name: str) -> Callable[..., None]:
@@ -46,21 +62,21 @@ def estimate_weight_gradients(
             x = args[0].detach()
 
             def accumulate(grad: torch.Tensor) -> None:
-                # sum over every token of g_t x_t^T, in float32 whatever the compute dtype
-                sums[name].addmm_(grad.reshape(-1, grad.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
                 counts[name] += 1
+                on_gradient(name, grad.reshape(-1, grad.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float())
 
             output.register_hook(accumulate)
 
         return forward_hook
 
+    carriers = list(carriers)
     requires_grad = {param: param.requires_grad for param in model.parameters()}
     handles = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
     try:
         for param in model.parameters():
             param.requires_grad_(False)
-        for layer in layers.values():
-            layer.lora_B.requires_grad_(True)  # B = 0: the output is unchanged, but now carries a gradient
+        for param in carriers:
+            param.requires_grad_(True)  # zero-valued: the output is unchanged, but now carries a gradient
         n_batches = 0
         with torch.enable_grad():
             for batch in batches:
@@ -72,12 +88,30 @@ def estimate_weight_gradients(
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
             param.grad = None
+        for param in carriers:
+            param.grad = None
     unseen = [name for name, count in counts.items() if count != n_batches]
     if unseen:
         raise RuntimeError(
-            f"LoRA-GA saw gradients for {unseen[:3]} {[counts[n] for n in unseen[:3]]} times over {n_batches} batches; "
+            f"{method_name} saw gradients for {unseen[:3]} {[counts[n] for n in unseen[:3]]} times over {n_batches} batches; "
             f"every adapted layer must be on the loss's path exactly once per batch"
         )
+    return n_batches
+
+
+def estimate_weight_gradients(
+    model: nn.Module, layers: dict[str, LoRALayer], batches: Iterable[Any], loss_fn: Callable[[Any], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``dL/dW`` (out x in, float32) of each layer's base weight, averaged over ``batches``.
+
+    ``loss_fn(batch)`` runs the forward pass and returns the scalar loss; this function calls backward.
+    """
+    sums = {name: layer.lora_B.new_zeros(layer.lora_B.shape[0], layer.lora_A.shape[1]) for name, layer in layers.items()}  # (out, in)
+
+    def add(name: str, g: torch.Tensor, x: torch.Tensor) -> None:
+        sums[name].addmm_(g.T, x)  # sum over every token of g_t x_t^T
+
+    n_batches = accumulate_weight_gradients(model, dict(layers), [layer.lora_B for layer in layers.values()], batches, loss_fn, add)
     return {name: total / n_batches for name, total in sums.items()}
 
 

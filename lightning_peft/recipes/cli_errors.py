@@ -95,8 +95,8 @@ def summarize(error: BaseException) -> str | None:
     class_path = None
     for item in re.split(r"\n\s*- ", text.split("Errors:", 1)[-1])[1:]:
         item = item.split("\n  Given value", 1)[0].strip()
-        if item.startswith("Expected a <class 'NoneType'>"):
-            continue  # the Optional's other branch: never the cause
+        if item.startswith(("Expected a <class 'NoneType'>", "Expected a <class 'list'>")):
+            continue  # the Optional's other branch, or the list of methods (a composition) for a single method's mapping
         found = re.match(r"Problem with given class_path '([^']+)':\s*(.*)", item, re.S)
         if found:
             class_path, item = found.group(1), found.group(2)
