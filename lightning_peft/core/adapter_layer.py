@@ -154,6 +154,13 @@ class AdapterLayer(AdapterModule):
         """Inverse of :meth:`merged_bias` for a layer that is currently merged."""
         return merged
 
+    @property
+    def adds_bias(self) -> bool:
+        """Whether merging gives a bias-less base layer a bias (``merged_bias`` of zeros): inference-time
+        intervention's constant shift. The merged model then needs its config to say so
+        (:mod:`lightning_peft.core.bias_switch`)."""
+        return False
+
     def merged_parameter(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """The merged value of the base layer's parameter ``name`` given its unmerged ``value`` (float32):
         what merged state dicts and exports use, so weight and bias merge the same way everywhere."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import BASE_LAYER, AdapterLayer, adapter_layers, base_parameter_name
+from lightning_peft.operations.merging import merged_bias_plan
 from lightning_peft.quantization.layers import dequantized_weight, is_quantized_linear
 from lightning_peft.quantization.loading import _checkpoint_name_map
 from lightning_peft.quantization.merge import relative_error
@@ -52,7 +53,15 @@ def resolve_export_source(model: nn.Module, source: str | os.PathLike | None) ->
 
 
 def check_merged_export_possible(model: nn.Module) -> None:
-    """A merged export of a k-bit model needs its original checkpoint: fail at setup, not after training."""
+    """A merged export of a k-bit model needs its original checkpoint, and biases a merge adds need a config that
+    can carry them: fail at setup, not after training."""
+    merged_bias_plan(model)
+    kbit = any(is_quantized_linear(m) for m in model.modules())
+    if kbit and any(layer.adds_bias for _, layer in adapter_layers(model)):
+        raise NotImplementedError(
+            "a merged export of a k-bit model whose merge adds biases (an inference-time intervention) is not supported: "
+            "export the adapter, or load the base in 16 bits"
+        )
     if any(is_quantized_linear(m) for m in model.modules()) and resolve_export_source(model, None) is None:
         raise QuantizedExportError(
             "export_merged=True with a quantized base needs the original weights, but the checkpoint this model was "

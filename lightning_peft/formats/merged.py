@@ -13,7 +13,9 @@ dequantized weights instead (an approximation, with a warning).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from lightning_peft.core.adapter_layer import base_parameter_name
 from lightning_peft.core.model_lookup import resolve_model
 from lightning_peft.formats.atomic import atomic_directory
 from lightning_peft.formats.from_source import QuantizedExportError, resolve_export_source, save_merged_from_source, write_config
-from lightning_peft.operations.merging import merged_state_dict
+from lightning_peft.operations.merging import merged_bias_plan, merged_state_dict
 from lightning_peft.quantization.layers import is_quantized_linear
 
 
@@ -48,7 +50,7 @@ def save_merged(
         raise TypeError(f"{type(model).__name__} is not a transformers model; use merged_state_dict() and torch/safetensors instead")
     if not any(is_quantized_linear(m) for m in model.modules()):
         state = merged_state_dict(model, dtype=dtype)
-        with atomic_directory(path) as staging:
+        with atomic_directory(path) as staging, _bias_switch_set(model):
             model.save_pretrained(staging, state_dict=state)
             _save_tokenizer(tokenizer, staging)
         return Path(path)
@@ -73,6 +75,22 @@ def save_merged(
             write_config(model, staging, dtype or torch.bfloat16)
         _save_tokenizer(tokenizer, staging)
     return Path(path)
+
+
+@contextlib.contextmanager
+def _bias_switch_set(model: nn.Module) -> Iterator[None]:
+    """The config written with the merged weights turns on the bias switch their new biases need (e.g. Llama's
+    ``attention_bias``, for an intervention folded into ``o_proj``); the training model's config is restored."""
+    attribute = merged_bias_plan(model).attribute
+    if attribute is None:
+        yield
+        return
+    previous = getattr(model.config, attribute)
+    setattr(model.config, attribute, True)
+    try:
+        yield
+    finally:
+        setattr(model.config, attribute, previous)
 
 
 def _save_tokenizer(tokenizer: Any, directory: Path) -> None:

@@ -39,6 +39,7 @@ from lightning_peft.integration.strategies import (
     check_strategy,
     check_trainer_compatibility,
     configure_fsdp1,
+    run_unwrapped_when_nothing_trains,
 )
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.composition import as_method
@@ -131,6 +132,7 @@ class PEFTCallback(Callback):
                 check_export_target(Path(self.export_dir) / name)
         # FSDP1 wraps after setup: give it units that keep adapters apart from the frozen base.
         configure_fsdp1(trainer.strategy)
+        run_unwrapped_when_nothing_trains(trainer, self.method)
         if isinstance(pl_module, PEFTMixin):
             check_strategy(trainer, pl_module.peft_model)
             allow_per_step_graphs(trainer, pl_module.peft_model, self.method)  # the model may not be built yet (configure_model)
@@ -151,8 +153,7 @@ class PEFTCallback(Callback):
             check_trainer_compatibility(trainer, self.quantization, model)
         prepare_for_training(pl_module, model, self.method, self.quantization, trainer.strategy.root_device, model_attr=self.model_attr)
         if self.export_merged:  # a prompt method, a bottleneck adapter, a k-bit base without its source: refuse now
-            if self.quantization is not None:
-                check_merged_export_possible(model)
+            check_merged_export_possible(model)
             check_mergeable(model)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -164,6 +165,11 @@ class PEFTCallback(Callback):
             # LoRA-GA: from the Trainer's own batches, now that the model is on its device. A resumed run
             # (ckpt_path) already has its trained adapters and initial factors back from the checkpoint.
             initialise_from_trainer(trainer, pl_module, self._model(pl_module), self.method)
+        if not self.method.trains_parameters:
+            # Inference-time intervention is fitted from data just now; it has no tensor an optimizer could step.
+            # The fit ends here (no training batch runs) and its fit-end export is the result.
+            trainer.should_stop = True
+            rank_zero_info(f"lightning_peft: {type(self.method).__name__} trains no tensors; fit ends after fitting it from data")
         if self.export_merged and isinstance(pl_module, PEFTMixin) and pl_module.peft_model is not None:
             check_merged_export_possible(pl_module.peft_model)  # the model exists now; fail before training
             check_mergeable(pl_module.peft_model)
@@ -218,7 +224,8 @@ class PEFTCallback(Callback):
         if not (self.export_dir and self.export_on in ("fit_end", "both")):
             return
         start = self._restored_step if self._restored_step is not None else self._steps_at_fit_start
-        made_no_step = start is not None and trainer.global_step == start
+        # A method that trains nothing (fitted from data at fit start, or restored from a checkpoint) never steps.
+        made_no_step = start is not None and trainer.global_step == start and self.method.trains_parameters
         if made_no_step and not self.export_untrained and not self._restored_result_never_exported(trainer):
             rank_zero_warn(
                 f"lightning_peft: not exporting to {Path(self.export_dir) / 'adapter'}: this fit made no optimizer step "

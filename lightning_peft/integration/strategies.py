@@ -108,6 +108,18 @@ def allow_per_step_graphs(trainer: Any, model: nn.Module | None, method: Any) ->
             rank_zero_info(f"lightning_peft: DDP find_unused_parameters=True for {type(method).__name__} (skipped layers get no gradient)")
 
 
+def run_unwrapped_when_nothing_trains(trainer: Any, method: Any) -> None:
+    """Let DDP run a method that trains no tensor (inference-time intervention, fitted from data at fit start).
+
+    DDP's wrapper exists to all-reduce gradients, and torch refuses to build one for a module with no trainable
+    parameter. With nothing to reduce, the module runs unwrapped on each rank; the process group the strategy set up
+    still carries the method's own all-reduces (its statistics) and Lightning's. Only this strategy instance changes.
+    """
+    if getattr(method, "trains_parameters", True) or not isinstance(trainer.strategy, DDPStrategy):
+        return
+    trainer.strategy._setup_model = lambda model: model  # DDPStrategy.configure_ddp wraps through this hook
+
+
 def check_merged_export(trainer: Any, export_merged: bool) -> None:
     """A merged export needs every base weight whole on the writing rank; sharded strategies hold slices.
 

@@ -22,10 +22,12 @@ from lightning_peft.methods.adapter import BottleneckAdapterLayer  # noqa: E402
 from lightning_peft.methods.bitfit import BitFitLayer  # noqa: E402
 from lightning_peft.methods.dora import DoRALayer  # noqa: E402
 from lightning_peft.methods.ia3 import IA3Layer  # noqa: E402
+from lightning_peft.methods.iti import ITILayer  # noqa: E402
 from lightning_peft.methods.llama_adapter import AdaptedAttention  # noqa: E402
 from lightning_peft.methods.lora import LoRALayer  # noqa: E402
+from lightning_peft.methods.sparse_ft import SparseFTLayer  # noqa: E402
 
 __all__ = sorted(
     [*METHODS, "PEFTMethod", "method_for_peft_config", "method_from_dict", "registered_methods"]
-    + ["AdaptedAttention", "BitFitLayer", "BottleneckAdapterLayer", "DoRALayer", "IA3Layer", "LoRALayer"]
+    + ["AdaptedAttention", "BitFitLayer", "BottleneckAdapterLayer", "DoRALayer", "IA3Layer", "ITILayer", "LoRALayer", "SparseFTLayer"]
 )

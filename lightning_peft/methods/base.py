@@ -104,6 +104,10 @@ class PEFTMethod(abc.ABC):
     #: reducer must then look for unused parameters, and sharded strategies cannot be used.
     changes_graph_per_step: ClassVar[bool] = False
 
+    #: Whether the method has tensors that train. Inference-time intervention fits from data when fitting starts
+    #: and takes no optimizer step: ``PEFTCallback`` then ends ``fit`` right after, and the tasks build no optimizer.
+    trains_parameters: ClassVar[bool] = True
+
     #: How many training batches :meth:`initialise_from_data` reads (when :attr:`needs_data`).
     init_batches: int = 0
 

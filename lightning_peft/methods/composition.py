@@ -76,6 +76,10 @@ class Composition(PEFTMethod):
         return max((m.init_batches for m in self.methods if m.needs_data), default=0)
 
     @property
+    def trains_parameters(self) -> bool:  # type: ignore[override]
+        return any(m.trains_parameters for m in self.methods)
+
+    @property
     def changes_graph_per_step(self) -> bool:  # type: ignore[override]
         return any(m.changes_graph_per_step for m in self.methods)
 

@@ -9,6 +9,11 @@ merged, and :func:`unmerge_adapters` restores the separate adapters (e.g. to kee
 A k-bit (bitsandbytes) base weight cannot absorb an update without being requantized, which re-rounds
 the whole matrix (NF4: ~9% relative error). That happens only with ``requantize=True`` and is reported;
 otherwise merging is an error that points to a 16-bit export from the original weights instead.
+
+A merge that gives a bias-less layer a bias (inference-time intervention folds its shift into the attention
+output projection's bias) must leave a model transformers can save and load: with ``unload=True`` and in
+:func:`merged_state_dict` the config's bias switch is turned on and the other layers it covers get zero biases
+(:mod:`lightning_peft.core.bias_switch`); an architecture without such a switch is refused before anything changes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import BASE_LAYER, AdapterLayer, AdapterModule, adapter_layers, adapter_modules
+from lightning_peft.core.bias_switch import BiasSwitchPlan, bias_switch_plan
 from lightning_peft.core.injection import remove_adapters
 from lightning_peft.quantization.layers import dequantized_weight, is_quantized_linear
 from lightning_peft.quantization.merge import QuantizedMergeError, requantize_merge
@@ -69,6 +75,22 @@ def _refuse_unmergeable(layers: list[tuple[str, AdapterModule]]) -> None:
         )
 
 
+def merged_bias_plan(model: nn.Module) -> BiasSwitchPlan:
+    """The config switch and zero biases a merged ``model`` needs for the biases its merge adds; raises for an
+    architecture that cannot carry them (see the module docstring)."""
+    return bias_switch_plan(model, [name for name, layer in adapter_layers(model) if layer.adds_bias and not layer.disabled])
+
+
+def _switch_biases_on(model: nn.Module, plan: BiasSwitchPlan) -> None:
+    """Give an unloaded, merged ``model`` the zero biases and the config flag of ``plan``."""
+    for name in plan.zero_biases:
+        layer = model.get_submodule(name)
+        weight = layer.weight
+        layer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device), requires_grad=False)
+    if plan.attribute is not None:
+        setattr(model.config, plan.attribute, True)
+
+
 def merge_adapters(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn.Module:
     """Merge every adapter into its base weight; with ``unload`` also drop the wrappers. Returns ``model``.
 
@@ -88,6 +110,7 @@ def merge_adapters(model: nn.Module, unload: bool = True, requantize: bool = Fal
             f"the original checkpoint), or pass requantize=True to merge into the k-bit weights anyway"
         )
     _refuse_tied_weights(model, pending)
+    plan = merged_bias_plan(model) if unload else None  # a plain model must be savable: refuse before merging
     errors: dict[str, float] = {}
     for name, layer in pending:
         if name in kbit:
@@ -102,7 +125,11 @@ def merge_adapters(model: nn.Module, unload: bool = True, requantize: bool = Fal
             f"merged {len(errors)} adapters into k-bit weights by requantizing; relative error of the merged weights "
             f"against the exact W + delta: mean {sum(errors.values()) / len(errors):.4%}, max {errors[worst]:.4%} ({worst})"
         )
-    return remove_adapters(model) if unload else model
+    if not unload:
+        return model
+    remove_adapters(model)
+    _switch_biases_on(model, plan)
+    return model
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
@@ -148,6 +175,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None, dequan
     _refuse_unmergeable(list(adapter_modules(model)))
     layers = dict(adapter_layers(model))
     _refuse_tied_weights(model, [(n, layer) for n, layer in layers.items() if not layer.merged and not layer.disabled])
+    plan = merged_bias_plan(model)
 
     kbit = {name: module for name, module in model.named_modules() if is_quantized_linear(module)}
     if kbit and not dequantize:
@@ -184,4 +212,13 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None, dequan
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor
+    # Biases the merge adds (an unmerged layer's; a merged one holds its new bias already) and the zero biases
+    # its architecture's config switch then expects on the layers it covers.
+    for owner, layer in layers.items():
+        if layer.adds_bias and not layer.merged and not layer.disabled:
+            weight = state[f"{owner}.weight"]
+            state[f"{owner}.bias"] = layer.merged_bias(torch.zeros((), device=weight.device)).to(weight.dtype)
+    for name in plan.zero_biases:
+        weight = state[f"{name}.weight"]
+        state[f"{name}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     return state

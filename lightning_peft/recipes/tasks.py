@@ -38,6 +38,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_peft.core.injection import injected_method
 from lightning_peft.core.transformers_compat import enable_checkpointing
 from lightning_peft.integration.mixin import PEFTMixin
 from lightning_peft.integration.strategies import check_trainer_compatibility, loads_on_rank0_only
@@ -157,6 +158,9 @@ class _TransformersTask(PEFTMixin, L.LightningModule):
         # Only trainable parameters: after injection these are the adapters (and modules_to_save);
         # without a PEFT method, every parameter.
         params = [p for p in self.parameters() if p.requires_grad]
+        method = injected_method(self.peft_model) if self.peft_model is not None else None
+        if not params and method is not None and not method.trains_parameters:
+            return None  # inference-time intervention: fitted from data, nothing to optimize (PEFTCallback ends the fit)
         if not params:
             raise RuntimeError(f"{type(self).__name__} has no trainable parameters; nothing to optimize")
         if self.param_groups is None:
@@ -246,7 +250,7 @@ class CausalLMTask(_TransformersTask):
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         # use_cache=False: training and scoring never reuse the key/value cache, so don't build one.
         return self.model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"], use_cache=False
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=_token_labels(batch), use_cache=False
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -257,13 +261,23 @@ class CausalLMTask(_TransformersTask):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self(batch).loss  # mean over the batch's predicted tokens
         # The model predicts token t+1 from tokens <= t: labels[:, 1:] are the scored targets.
-        num_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        num_tokens = (_token_labels(batch)[:, 1:] != IGNORE_INDEX).sum()
         if num_tokens == 0:
             return  # nothing scored (the loss is 0/0); it must not count in the means
         self.val_loss.update(loss.float(), weight=num_tokens)
         self.val_perplexity.update(loss.float(), weight=num_tokens)
         self.log("val_loss", self.val_loss, prog_bar=True)
         self.log("val_perplexity", self.val_perplexity, prog_bar=True)
+
+
+def _token_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The language-modelling targets of a batch. A classification batch (one class label per example, as an
+    inference-time intervention is fitted on) is scored as text: its own tokens, padding masked out."""
+    labels = batch["labels"]
+    if labels.ndim == 2:
+        return labels
+    mask = batch.get("attention_mask")
+    return batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
 
 
 class SequenceClassificationTask(_TransformersTask):
