@@ -26,7 +26,7 @@ AREAS = {
     "test_adapter_integrity": "files", "test_transactions": "files", "test_properties": "files",
     "test_distributed": "strategies", "test_fsdp1": "strategies", "test_fsdp2": "strategies", "test_deepspeed": "strategies",
     "test_data": "data", "test_transformers_compat": "models", "test_pruning": "pruning", "test_layerdrop": "LayerDrop",
-    "test_composition": "composition", "test_sparse_ft": "sparse fine-tuning", "test_iti": "inference-time intervention",
+    "test_composition": "composition", "test_sparse_ft": "sparse fine-tuning", "test_iti": "inference-time intervention", "test_inca": "InCA",
 }  # fmt: skip
 
 

@@ -198,12 +198,23 @@ class PEFTCallback(Callback):
         self.method.before_training_batch(self._model(pl_module), trainer.global_step, batch_idx)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        metrics = self.method.training_metrics(self._model(pl_module))  # InCA: each adapter's own loss
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         if trainer.global_step != self._step_seen:  # an optimizer step happened (not every batch under accumulation)
             self._step_seen = trainer.global_step
             self.method.after_optimizer_step(
                 self._model(pl_module), trainer.global_step, lambda tensor: trainer.strategy.reduce(tensor, reduce_op="mean")
             )
         self._prune_step_exports(trainer)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # Counts each rank kept over its shard, summed here: every rank logs (and acts on) the same values.
+        metrics = self.method.validation_metrics(self._model(pl_module), lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
+        if metrics:
+            pl_module.log_dict(metrics)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._prune_step_exports(trainer)  # ModelCheckpoint removes files after saving, here or at batch end

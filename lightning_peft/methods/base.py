@@ -108,6 +108,9 @@ class PEFTMethod(abc.ABC):
     #: and takes no optimizer step: ``PEFTCallback`` then ends ``fit`` right after, and the tasks build no optimizer.
     trains_parameters: ClassVar[bool] = True
 
+    #: ``True``, or the reason this method cannot share a model with others in a composition.
+    composes_with_others: ClassVar[bool | str] = True
+
     #: How many training batches :meth:`initialise_from_data` reads (when :attr:`needs_data`).
     init_batches: int = 0
 
@@ -131,6 +134,15 @@ class PEFTMethod(abc.ABC):
         """Called by ``PEFTCallback`` before each training batch: for methods whose forward depends on the step
         (LayerDrop draws which layers to skip from ``(seed, global_step, batch_idx)``, the same on every rank and
         after a resume). Nothing by default."""
+
+    def training_metrics(self, model: nn.Module) -> dict[str, Any]:
+        """Values ``PEFTCallback`` logs after each training batch (InCA: each adapter's own loss). None by default."""
+        return {}
+
+    def validation_metrics(self, model: nn.Module, reduce_sum: Callable[[Any], Any]) -> dict[str, float]:
+        """Values ``PEFTCallback`` logs at the end of each validation epoch, from counts the method kept during it
+        (InCA: each adapter's accuracy); ``reduce_sum`` sums a tensor over the data-parallel ranks. None by default."""
+        return {}
 
     def exported(self) -> PEFTMethod | None:
         """The method a saved adapter file describes: this one, unless export folds a part that only

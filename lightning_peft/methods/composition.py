@@ -61,6 +61,7 @@ class Composition(PEFTMethod):
         super().__init__(modules_to_save=_union(m.modules_to_save for m in members))
         self.methods = members
         _refuse_two_input_methods(members)
+        _refuse_solitary_methods(members)
 
     # -- the protocol, answered from the members -----------------------------------------------------
     @property
@@ -123,6 +124,12 @@ class Composition(PEFTMethod):
             method.before_training_batch(model, global_step, batch_idx)
 
     # -- files -----------------------------------------------------------------------------------------
+    def training_metrics(self, model: nn.Module) -> dict[str, Any]:
+        return {k: v for method in self.methods for k, v in method.training_metrics(model).items()}
+
+    def validation_metrics(self, model: nn.Module, reduce_sum: Callable[[Any], Any]) -> dict[str, float]:
+        return {k: v for method in self.methods for k, v in method.validation_metrics(model, reduce_sum).items()}
+
     def exported_members(self) -> list[PEFTMethod]:
         """The members an adapter file holds: those with something to export (not LayerDrop)."""
         return [m for m in self.methods if m.exported() is not None]
@@ -168,6 +175,16 @@ def as_method(method: PEFTMethod | Sequence[PEFTMethod]) -> PEFTMethod:
 
 def _union(lists: Iterable[list[str]]) -> list[str]:
     return list(dict.fromkeys(name for names in lists for name in names))
+
+
+def _refuse_solitary_methods(members: list[PEFTMethod]) -> None:
+    """A method whose forward cannot share the model (InCA runs the backbone without gradient, so any other method's
+    tensors inside it would never train, and a skipped block would give its adapter nothing to read)."""
+    for method in members:
+        reason = method.composes_with_others
+        if reason is not True:
+            other = next(m for m in members if m is not method)
+            raise ValueError(f"{type(method).__name__} cannot be composed with {type(other).__name__}: {reason}")
 
 
 def _refuse_two_input_methods(members: list[PEFTMethod]) -> None:
