@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_adapters_classification import HEAD, accuracy, encode, read_csv  # noqa: E402
-from bench_sparse_ft import bytes_of  # noqa: E402
+from bench_sparse_ft import step  # noqa: E402  (the same exact count of a step's training state)
 
 from lightning_peft import InCA, LoRA, PEFTMethod, apply_peft  # noqa: E402
 from lightning_peft.methods.inca import inca_adapters  # noqa: E402
@@ -47,35 +47,13 @@ def build(model_dir: Path, method: PEFTMethod) -> nn.Module:
     return model
 
 
-def step_state(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, count: bool) -> int:
-    saved: list[torch.Tensor] = []
-    frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if count and tensor.untyped_storage().data_ptr() not in frozen:
-            saved.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(**batch).loss
-    activations = bytes_of(saved)
-    saved.clear()
-    loss.backward()
-    optimizer.step()
-    trained = [p for p in model.parameters() if p.requires_grad]
-    grads = bytes_of(p.grad for p in trained if p.grad is not None)
-    state = bytes_of(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1)
-    optimizer.zero_grad(set_to_none=True)
-    return activations + grads + state
-
-
 def run(model: nn.Module, batches, val_batches, lr: float) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     model.train()
     times, peak = [], 0
     for i, batch in enumerate(batches):
         start = time.perf_counter()
-        peak = max(peak, step_state(model, batch, optimizer, count=i == 1))
+        peak = max(peak, step(model, batch, optimizer, count=i == 1))
         times.append(time.perf_counter() - start)
     result = {"memory": peak, "step": statistics.median(times[2:] or times), "trained": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if hasattr(model, "lightning_peft_inca"):
