@@ -66,7 +66,12 @@ def test_kills_at_random_moments_resume_to_the_same_losses_adapters_and_exports(
     whole_export = exported(whole)
     draws = random.Random(20261203)
     landed = []
-    for kill in range(RANDOM_KILLS):
+    # A draw past the end of a run (rc 0) means the window measured on the uninterrupted run was longer than this
+    # run took: the machine was busier then. The window shrinks to that draw, and another run takes its place, so
+    # the kills land inside runs however the load varies between runs (the bound: 2 x RANDOM_KILLS runs).
+    for kill in range(2 * RANDOM_KILLS):
+        if sum(entry[2] == -9 for entry in landed) == RANDOM_KILLS:
+            break
         out = tmp_path / f"kill-{kill}"
         job = start(out, "--export-dir", str(out / "export"))
         wait_for_first_step(job, out)
@@ -82,7 +87,8 @@ def test_kills_at_random_moments_resume_to_the_same_losses_adapters_and_exports(
             else:  # a first export of this step killed before its commit mark: only its staging, no adapter yet
                 assert all(p.name.startswith(STAGING_PREFIX) for p in export.iterdir()), sorted(export.iterdir())
         if job.returncode == 0:
-            continue  # the draw came after the end: nothing to resume (rare; counted in `landed`)
+            window = delay  # the draw came after the end: nothing to resume; later draws stay inside this run's length
+            continue
         resumed = run(out, "--export-dir", str(out / "export"), *resume_arguments(out))
         assert resumed.returncode == 0, (kill, landed[-1], resumed.stderr[-3000:])
         assert losses(out) == losses(whole), (kill, landed[-1])
@@ -93,5 +99,5 @@ def test_kills_at_random_moments_resume_to_the_same_losses_adapters_and_exports(
         assert all(torch.equal(resumed_export[0][k], whole_export[0][k]) for k in whole_export[0])
         assert not [p for p in (out / "export").rglob("*") if p.name.startswith(STAGING_PREFIX) or ".tmp-" in p.name]
     killed = [entry for entry in landed if entry[2] == -9]
-    assert len(killed) >= RANDOM_KILLS - 2, landed  # the draws hit the run, not its exit
+    assert len(killed) == RANDOM_KILLS, landed  # the draws hit the runs, not their exits
     print(f"random kills (delay s, last step recorded, exit): {landed}")
