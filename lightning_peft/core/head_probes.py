@@ -70,7 +70,7 @@ class HeadStatistics:
     def mass_mean_directions(self) -> torch.Tensor:
         """(G, d) unit vectors from the class-0 mean to the class-1 mean."""
         means = self.class_sum / self.class_count.clamp_min(1)[:, None, None]
-        return _unit(means[1] - means[0])
+        return unit_rows(means[1] - means[0])
 
     def probe_weights(self, ridge: float) -> torch.Tensor:
         """(G, d + 1) least-squares probe weights, the intercept last."""
@@ -106,6 +106,7 @@ def top_heads(accuracy: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(order[:count], dtype=torch.long)
 
 
-def _unit(vectors: torch.Tensor) -> torch.Tensor:
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row of ``vectors`` scaled to unit norm; a zero row stays zero."""
     norms = vectors.norm(dim=-1, keepdim=True)
     return torch.where(norms > 0, vectors / norms.clamp_min(torch.finfo(vectors.dtype).tiny), torch.zeros_like(vectors))

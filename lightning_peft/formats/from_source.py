@@ -62,7 +62,7 @@ def check_merged_export_possible(model: nn.Module) -> None:
             "a merged export of a k-bit model whose merge adds biases (an inference-time intervention) is not supported: "
             "export the adapter, or load the base in 16 bits"
         )
-    if any(is_quantized_linear(m) for m in model.modules()) and resolve_export_source(model, None) is None:
+    if kbit and resolve_export_source(model, None) is None:
         raise QuantizedExportError(
             "export_merged=True with a quantized base needs the original weights, but the checkpoint this model was "
             f"loaded from is unknown (config._name_or_path={getattr(getattr(model, 'config', None), '_name_or_path', None)!r} "

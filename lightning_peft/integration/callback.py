@@ -106,11 +106,13 @@ class PEFTCallback(Callback):
         self._steps_at_fit_start: int | None = None
         self._restored_step: int | None = None  # the global step of the checkpoint this fit resumed from
         self._exported_steps: set[int] = set()
+        self._adapted_model: tuple[pl.LightningModule, Any] | None = None
         self._step_seen: int | None = None  # the global step at the last on_train_batch_end
 
     # -- injection --------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restored_step = None
+        self._adapted_model = None  # found again for each stage: the model is built (configure_model) after setup
         if self.export_dir and self.export_on in ("checkpoint", "both"):
             # Lightning skips Callback.on_save_checkpoint for weights-only saves: those steps would
             # silently get no export.
@@ -182,8 +184,13 @@ class PEFTCallback(Callback):
     # run after the weights are loaded. PEFTMixin does both in its module hooks, and setup() installs the
     # same on other modules (checkpointing.attach_checkpoint_hooks).
     def _model(self, pl_module: pl.LightningModule) -> Any:
-        attribute = self.model_attr or getattr(pl_module, "peft_model_attr", None)
-        return find_model(pl_module, attribute)
+        # Looked up once per stage, not on every batch: find_model walks every submodule, and the per-batch hooks
+        # (LayerDrop's draw, InCA's metrics) ask for the model each time. The first call comes after the strategy's
+        # setup and configure_model, so the object found is the one the stage trains.
+        if self._adapted_model is None or self._adapted_model[0] is not pl_module:
+            attribute = self.model_attr or getattr(pl_module, "peft_model_attr", None)
+            self._adapted_model = (pl_module, find_model(pl_module, attribute))
+        return self._adapted_model[1]
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.export_dir and self.export_on in ("checkpoint", "both"):

@@ -266,6 +266,9 @@ class InCAForward:
         self.model = model
         self.adapters = adapters
         self.signature = inspect.signature(type(model).forward)
+        own = set(adapters.modules())
+        # The backbone's modules, listed once: each forward switches their dropout off and back.
+        self.backbone = [module for module in model.modules() if module not in own]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model, adapters = self.model, self.adapters
@@ -276,16 +279,14 @@ class InCAForward:
         if adapters.disabled:
             return type(model).forward(model, **call)
         labels = call.pop("labels", None)
-        modes = {m: m.training for m in model.modules()}
-        own = set(adapters.modules())
-        for module in modes:
-            if module not in own:
-                module.training = False  # the backbone's dropout stays off while the adapters train
+        modes = [module.training for module in self.backbone]
+        for module in self.backbone:
+            module.training = False  # the backbone's dropout stays off while the adapters train
         try:
             with torch.no_grad():
                 outputs = type(model).forward(model, **call)
         finally:
-            for module, mode in modes.items():
+            for module, mode in zip(self.backbone, modes):
                 module.training = mode
         logits = adapters.classify(call.get("attention_mask"))
         if labels is not None:

@@ -54,7 +54,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers, is_kbit_weight
 from lightning_peft.core.blocks import transformer_blocks
-from lightning_peft.core.head_probes import HeadStatistics, probe_correct, top_heads
+from lightning_peft.core.head_probes import HeadStatistics, probe_correct, top_heads, unit_rows
 from lightning_peft.core.injection import apply_peft
 from lightning_peft.core.targets import TargetSpec
 from lightning_peft.methods.base import PEFTMethod
@@ -206,6 +206,7 @@ class ITI(PEFTMethod):
         device = layers[0].iti_directions.device
         statistics = HeadStatistics.zeros(len(layers) * heads, width, device)
         held_x, held_labels = [], []
+        parameter = next(model.parameters())  # where the inputs go
         was_training = model.training
         model.eval()  # dropout off: the activations the intervention will see at inference
         try:
@@ -213,7 +214,6 @@ class ITI(PEFTMethod):
                 for index, batch in batches:
                     input_ids, attention_mask, labels = _labelled_batch(batch)
                     capture.positions = _last_positions(attention_mask).to(input_ids.device)
-                    parameter = next(model.parameters())
                     model(input_ids=input_ids.to(parameter.device), attention_mask=attention_mask.to(parameter.device))
                     x = capture.take(heads, width)  # (N, G, d)
                     held = self._held_out(index, len(labels))
@@ -241,7 +241,7 @@ class ITI(PEFTMethod):
                 f"{int(statistics.class_count.sum())} examples); use more data or a larger validation_fraction"
             )
         accuracy = correct / total
-        directions = statistics.mass_mean_directions() if self.direction == "mass_mean" else _unit_rows(weights[:, :-1])
+        directions = statistics.mass_mean_directions() if self.direction == "mass_mean" else unit_rows(weights[:, :-1])
         sigma = statistics.sigma_along(directions)
         selected = torch.zeros(len(layers) * heads, dtype=torch.bool)
         selected[top_heads(accuracy, self.num_heads)] = True
@@ -318,10 +318,6 @@ def _capture_last_token(layers: list[ITILayer]) -> Iterator[_LastTokenCapture]:
     finally:
         for layer in layers:
             layer.capture = None
-
-
-def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
 
 
 class ITILayer(AdapterLayer):
