@@ -9,11 +9,13 @@ from lightning_peft.core.injection import apply_peft, parameter_summary
 from lightning_peft.formats.adapter_dir import AdapterFileError
 from lightning_peft.formats.peft_format import load_adapter, save_adapter
 from lightning_peft.integration.callback import PEFTCallback
+from lightning_peft.integration.forgetting import ForgettingMonitor
 from lightning_peft.integration.mixin import PEFTMixin
 from lightning_peft.methods import METHODS, PEFTMethod
 from lightning_peft.operations.merging import disable_adapters, merge_adapters, unmerge_adapters
 from lightning_peft.operations.param_groups import ParamGroups, apply_lr_scales, build_param_groups, lr_multipliers, param_groups
 from lightning_peft.operations.pruning import prune_layers
+from lightning_peft.operations.spectrum import WeightSpectrum, weight_spectrum
 from lightning_peft.quantization import Quantization
 
 __version__ = "0.1.0"
@@ -29,6 +31,7 @@ __all__ = sorted(
         *METHODS,
         "AdapterFileError",
         "BaseModelMismatchError",
+        "ForgettingMonitor",
         "PEFTCallback",
         "PEFTMethod",
         "PEFTMixin",
@@ -46,5 +49,7 @@ __all__ = sorted(
         "prune_layers",
         "save_adapter",
         "unmerge_adapters",
+        "WeightSpectrum",
+        "weight_spectrum",
     ]
 )
