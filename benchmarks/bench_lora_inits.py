@@ -29,9 +29,9 @@ from torch import nn
 
 from lightning_peft import DoRA, LoRA, apply_peft
 from lightning_peft.core.adapter_layer import adapter_layers
-from lightning_peft.recipes.data import TextFileDataModule
 from lightning_peft.methods.lora import LoRALayer
 from lightning_peft.methods.lora_ga import estimate_weight_gradients, initialise_from_gradients
+from lightning_peft.recipes.data import TextFileDataModule
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -99,6 +99,9 @@ def main() -> None:
     curves: dict[str, list[dict[int, float]]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         torch.manual_seed(seed)
+        # The data module shuffles from its own shuffle_seed, not the global generator: without this line every
+        # seed saw the same batches (the figures in RESULTS.md of 2026-11-23 were taken so: init varied, order not).
+        data.shuffle_seed = seed
         train = [batch for batch, _ in zip(data.train_dataloader(), range(args.steps))]
         for variant in args.variants:
             start = time.perf_counter()

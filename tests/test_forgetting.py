@@ -83,16 +83,28 @@ def test_the_base_measurement_is_the_base_model_evaluated_by_hand(tmp_path) -> N
     assert monitor.base["source_perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
 
 
+class _TrainsThroughDisabledAdapters(LitAdapted):
+    """Keeps a graph to backpropagate while its adapters are off (they then take no part in the loss)."""
+
+    def training_step(self, batch, batch_idx):
+        trainable = sum(p.sum() for p in self.parameters() if p.requires_grad)
+        return super().training_step(batch, batch_idx) + 0.0 * trainable
+
+
 def test_with_the_adapters_disabled_the_forgetting_is_exactly_zero(tmp_path) -> None:
-    module = LitAdapted()
-    monitor = ForgettingMonitor(source=source_loader(), every_n_steps=1)
-    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[monitor])
-    trainer.fit(module, train_dataloaders=token_loader())
-    assert monitor.history[-1]["source_loss_change"] != 0.0  # trained adapters do change the source loss
-    with disable_adapters(module.model):
-        values = monitor.measure(trainer, module)
-    assert values["source_loss"] - monitor.base["source_loss"] == 0.0
-    assert values["source_perplexity"] - monitor.base["source_perplexity"] == 0.0
+    module = _TrainsThroughDisabledAdapters()
+    monitor = ForgettingMonitor(source=source_loader(), every_n_steps=1, target=source_loader(seed=9))
+    trainer = make_trainer(tmp_path, max_steps=3, logger=CSVLogger(tmp_path), callbacks=[monitor])
+    with disable_adapters(module.model):  # the whole run, base measurement included, sees the base model
+        trainer.fit(module, train_dataloaders=token_loader())
+    changes = [key for key in monitor.history[-1] if key.endswith("_change")]
+    assert set(changes) == {"source_loss_change", "source_perplexity_change", "target_loss_change"}
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3]
+    assert all(h[key] == 0.0 for h in monitor.history for key in changes)
+    with open(trainer.logger.log_dir + "/metrics.csv", newline="") as fh:
+        assert all(float(row[key]) == 0.0 for row in csv.DictReader(fh) for key in changes)
+    # And with them on, the same trained model has moved away from its base.
+    assert monitor.measure(trainer, module)["source_loss"] != monitor.base["source_loss"]
 
 
 def test_it_logs_through_a_csv_logger_with_the_expected_keys_and_a_summary(tmp_path) -> None:
@@ -121,9 +133,19 @@ def test_the_trainer_target_metric_is_logged_beside(tmp_path) -> None:
     monitor = ForgettingMonitor(source=source_loader(), every_n_steps=2, target_metric="val_loss")
     trainer = make_trainer(tmp_path, max_steps=4, val_check_interval=2, callbacks=[PEFTCallback(lora()), monitor])
     trainer.fit(LitCausalLM(), train_dataloaders=token_loader(n_batches=4), val_dataloaders=token_loader(n_batches=1))
+    module = trainer.lightning_module
     measured = [h for h in monitor.history if "target_val_loss" in h]
-    assert measured and measured[-1]["target_val_loss"] == pytest.approx(float(trainer.callback_metrics["val_loss"]))
+    # Validation at steps 2 and 4 lands on the rows of the source measurements of the same steps.
+    assert [h["step"] for h in measured] == [2, 4] and all("source_loss" in h for h in measured)
+    with torch.no_grad():
+        module.model.eval()
+        by_hand = float(module._loss(next(iter(token_loader(n_batches=1)))))
+    assert measured[-1]["target_val_loss"] == pytest.approx(by_hand, rel=1e-6)
     assert "target val_loss" in monitor.summary
+    # A validation outside fit (as the CLI runs before and after it) adds nothing to the run's curve.
+    before = copy.deepcopy(monitor.history)
+    trainer.validate(module, dataloaders=token_loader(n_batches=1), verbose=False)
+    assert monitor.history == before
 
 
 def test_full_fine_tuning_is_measured_against_the_model_before_any_step(tmp_path) -> None:
@@ -202,13 +224,16 @@ def test_diversity_is_logged_and_repeats_for_the_same_model(tmp_path) -> None:
 
 
 class _ExpectOnEveryRank(L.Callback):
-    def __init__(self, expected: float) -> None:
-        self.expected = expected
+    def __init__(self, expected: float, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.expected, self.batches = expected, batches
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         monitor = next(c for c in trainer.callbacks if isinstance(c, ForgettingMonitor))
         assert trainer.world_size == 2
         assert monitor.base["source_loss"] == pytest.approx(self.expected, rel=1e-6), (trainer.global_rank, monitor.base)
+        # After the step: the trained model (the same on both ranks) scored on all batches in this one process.
+        trained = reference_loss(copy.deepcopy(pl_module.model), self.batches)
+        assert monitor.history[-1]["step"] == 1 and monitor.history[-1]["source_loss"] == pytest.approx(trained, rel=1e-6)
 
 
 def test_ddp_all_reduce_equals_the_one_process_value(tmp_path) -> None:
@@ -218,9 +243,19 @@ def test_ddp_all_reduce_equals_the_one_process_value(tmp_path) -> None:
     monitor = ForgettingMonitor(source=DataLoader(batches, batch_size=None), every_n_steps=1)
     trainer = make_trainer(
         tmp_path, strategy="ddp_spawn", devices=2, max_steps=1,
-        callbacks=[PEFTCallback(lora()), monitor, _ExpectOnEveryRank(expected), DestroyProcessGroupAtTeardown()],
+        callbacks=[PEFTCallback(lora()), monitor, _ExpectOnEveryRank(expected, batches), DestroyProcessGroupAtTeardown()],
     )  # fmt: skip
     trainer.fit(LitCausalLM(), train_dataloaders=token_loader(n_batches=4))
+
+
+def test_under_ddp_a_bad_batch_on_one_rank_raises_on_every_rank(tmp_path) -> None:
+    # Batch 1 belongs to rank 1's shard; rank 0 must not be left waiting in the all-reduce (a hang, not an error).
+    batches = source_batches(n_batches=2)
+    batches[1] = {**batches[1], "input_ids": batches[1]["input_ids"] + VOCAB}
+    monitor = ForgettingMonitor(source=DataLoader(batches, batch_size=None), every_n_steps=1)
+    trainer = make_trainer(tmp_path, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[PEFTCallback(lora()), monitor, DestroyProcessGroupAtTeardown()])
+    with pytest.raises(Exception, match="token ids range over"):
+        trainer.fit(LitCausalLM(), train_dataloaders=token_loader(n_batches=4))
 
 
 # -- bad input --------------------------------------------------------------------------------------------
@@ -228,6 +263,24 @@ def test_a_source_without_batches_is_named(tmp_path) -> None:
     monitor = ForgettingMonitor(source=DataLoader([], batch_size=None), every_n_steps=1)
     with pytest.raises(ValueError, match="the source loader yielded no batches with tokens to predict"):
         make_trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(LitCausalLM(), train_dataloaders=token_loader())
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({"input_ids": torch.tensor([[3, -1, 4]])}, r"token ids range over \[-1, 4\]"),
+        ({"input_ids": torch.tensor([[3, 5, 4]]), "labels": torch.tensor([[-100, 5, VOCAB + 1]])}, rf"labels range over \[5, {VOCAB + 1}\]"),
+    ],
+)
+def test_negative_ids_and_labels_outside_the_vocabulary_are_named(tmp_path, batch, message) -> None:
+    monitor = ForgettingMonitor(source=DataLoader([batch], batch_size=None), every_n_steps=1)
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(LitCausalLM(), train_dataloaders=token_loader())
+
+
+def test_a_one_shot_iterator_is_refused() -> None:
+    with pytest.raises(TypeError, match="source is a one-shot iterator .*pass a DataLoader or a list of batches"):
+        ForgettingMonitor(source=(batch for batch in source_batches()))
 
 
 def test_ids_of_another_tokenizer_are_named(tmp_path) -> None:
@@ -289,3 +342,71 @@ def test_the_claims_benchmark_quick_mode_runs_on_the_real_model(assets_dir, tmp_
     assert 1 <= runs["LoRA r=8 (all linear)"]["rank_90_max"] <= 8
     assert runs["full fine-tuning"]["rank_90_mean"] > 8
     assert "| full fine-tuning |" in result.stdout and "| LoRA r=8 (all linear) |" in result.stdout
+
+
+def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path) -> None:
+    monitor = ForgettingMonitor(source=source_loader(), every_n_steps=1)
+    make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, callbacks=[PEFTCallback(lora()), monitor]).fit(
+        LitCausalLM(), train_dataloaders=token_loader(n_batches=6)
+    )
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3]
+
+
+def test_a_measurement_leaves_every_module_in_its_mode(tmp_path) -> None:
+    monitor = ForgettingMonitor(source=source_loader(), every_n_steps=1)
+    module = LitCausalLM()
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[PEFTCallback(lora()), monitor])
+    trainer.fit(module, train_dataloaders=token_loader())
+    module.model.train()
+    module.model.model.layers[0].eval()  # a frozen block its owner keeps in eval mode
+    modes = {name: m.training for name, m in module.model.named_modules()}
+    monitor.measure(trainer, module)
+    assert {name: m.training for name, m in module.model.named_modules()} == modes
+
+
+def test_two_monitors_on_two_sources_in_one_trainer_checkpoint_apart(tmp_path) -> None:
+    chat = ForgettingMonitor(source=source_loader(seed=1), every_n_steps=1, name="chat")
+    reviews = ForgettingMonitor(source=source_loader(seed=2), every_n_steps=1, name="reviews")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    make_trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[PEFTCallback(lora()), chat, reviews, checkpoint]).fit(
+        LitCausalLM(), train_dataloaders=token_loader()
+    )
+    assert chat.base["source_loss"] != reviews.base["source_loss"]
+    state = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), weights_only=True)["callbacks"]
+    assert state[chat.state_key]["base"] == chat.base and state[reviews.state_key]["base"] == reviews.base
+
+
+def test_a_run_that_takes_no_step_is_measured_once_at_the_end(tmp_path) -> None:
+    # ITI and other methods fitted from data end the fit at step 0: the fitted model must still be scored.
+    class _StopAtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            randomize_adapters(pl_module.model, seed=3, std=0.3)  # what a data-driven fit would install
+            trainer.should_stop = True
+
+    monitor = ForgettingMonitor(source=source_loader(), every_n_steps=5)
+    make_trainer(tmp_path, max_steps=5, callbacks=[PEFTCallback(lora()), monitor, _StopAtStart()]).fit(LitCausalLM(), train_dataloaders=token_loader())
+    assert [h["step"] for h in monitor.history] == [0, 0]
+    assert monitor.history[-1]["source_loss_change"] != 0.0
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_sharded_strategies_are_refused_with_the_reason(strategy) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    sharded = FSDPStrategy() if strategy == "fsdp" else DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    monitor = ForgettingMonitor(source=source_loader())
+    with pytest.raises(ValueError, match=rf"ForgettingMonitor does not support {type(sharded).__name__}: .*Use DDP"):
+        monitor.setup(SimpleNamespace(strategy=sharded), LitCausalLM(), "fit")
+
+
+def test_nested_disable_adapters_leaves_the_outer_one_in_force() -> None:
+    model = LitAdapted().model
+    batch = source_batches(n_batches=1)
+    with disable_adapters(model):
+        base = reference_loss(model, batch)
+        with disable_adapters(model):
+            pass
+        assert reference_loss(model, batch) == base  # still the base model after the inner block
+    assert reference_loss(model, batch) != base

@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from tiny_models import randomize_adapters, tiny_llama
+from tiny_models import randomize_adapters, tiny_gpt2, tiny_llama
 
-from lightning_peft import DoRA, LoRA, PromptTuning, Quantization, apply_peft, merge_adapters, weight_spectrum
+from lightning_peft import BitFit, DoRA, LoRA, PromptTuning, Quantization, apply_peft, merge_adapters, weight_spectrum
 from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.operations.spectrum import energy_rank
 from lightning_peft.quantization import dequantized_weight, quantize_model
@@ -18,15 +18,21 @@ from lightning_peft.quantization import dequantized_weight, quantize_model
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def merged_minus_base(model: torch.nn.Module, base: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Independent of spectrum.py: merge a copy with merge_adapters and subtract the untouched base's weights."""
-    merged = merge_adapters(copy.deepcopy(model))
-    base_weights = dict(base.named_parameters())
-    return {
-        name.removesuffix(".weight"): param.detach() - base_weights[name].detach()
-        for name, param in merged.named_parameters()
-        if any(name.endswith(f"{t}.weight") for t in TARGETS)
-    }
+def lora_deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Independent of the package's merge code: ``scaling * B @ A`` from each layer's own tensors, in float64."""
+    return {name: layer.scaling * layer.lora_B.double() @ layer.lora_A.double() for name, layer in adapter_layers(model)}
+
+
+def dora_deltas(model: torch.nn.Module, base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """DoRA's merged weight from its formula, ``m * (W + s B A) / ||W + s B A||_row``, minus ``W``, in float64."""
+    deltas = {}
+    base_modules = dict(base.named_modules())
+    for name, layer in adapter_layers(model):
+        weight = base_modules[name].weight.double()
+        directed = weight + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+        merged = layer.lora_magnitude_vector.double()[:, None] * directed / directed.norm(dim=1, keepdim=True)
+        deltas[name] = merged - weight
+    return deltas
 
 
 @pytest.mark.parametrize("r", [1, 3, 5])
@@ -36,12 +42,12 @@ def test_a_rank_r_lora_delta_has_rank_r_and_the_svd_of_the_merged_delta(r: int) 
     apply_peft(model, LoRA(r=r, alpha=2 * r, target_modules=TARGETS))
     randomize_adapters(model, seed=r)
     spectra = weight_spectrum(model)
-    reference = merged_minus_base(model, base)
+    reference = lora_deltas(model)
     assert set(spectra) == set(reference) and len(spectra) == 6
     for name, delta in reference.items():
         spectrum = spectra[name]
-        assert spectrum.rank == r == int(torch.linalg.matrix_rank(delta))  # float32 tolerance: the float32 merge rounds at |W| * eps
-        torch.testing.assert_close(spectrum.singular_values, torch.linalg.svdvals(delta), rtol=1e-4, atol=1e-6)
+        assert spectrum.rank == r == int(torch.linalg.matrix_rank(delta))
+        torch.testing.assert_close(spectrum.singular_values.double(), torch.linalg.svdvals(delta), rtol=1e-4, atol=1e-6)
         assert spectrum.shape == tuple(delta.shape)
         s2 = torch.linalg.svdvals(delta.double()) ** 2
         assert spectrum.rank_90 == int((torch.cumsum(s2, 0) / s2.sum() < 0.9).sum()) + 1
@@ -59,8 +65,8 @@ def test_dora_is_measured_on_its_merged_weight_not_on_b_a() -> None:
     apply_peft(model, DoRA(r=2, alpha=4, target_modules=TARGETS))
     randomize_adapters(model, seed=4)
     spectra = weight_spectrum(model)
-    for name, delta in merged_minus_base(model, base).items():
-        torch.testing.assert_close(spectra[name].singular_values, torch.linalg.svdvals(delta), rtol=1e-4, atol=1e-6)
+    for name, delta in dora_deltas(model, base).items():
+        torch.testing.assert_close(spectra[name].singular_values.double(), torch.linalg.svdvals(delta), rtol=1e-4, atol=1e-5)
         # The magnitude rescales every row of W: the perturbation is no longer of rank r.
         assert spectra[name].rank > 2
 
@@ -104,6 +110,17 @@ def test_a_four_bit_base_is_dequantized_for_the_delta() -> None:
         expected = layer.merged_weight(dequantized_weight(layer.base_layer)) - dequantized_weight(layer.base_layer)
         assert spectra[name].rank == 2
         torch.testing.assert_close(spectra[name].singular_values, torch.linalg.svdvals(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_a_method_that_changes_only_biases_has_zero_spectra_and_norms_are_left_out() -> None:
+    model = tiny_gpt2(0)
+    apply_peft(model, BitFit())
+    randomize_adapters(model, seed=1)
+    wrapped = [name for name, _ in adapter_layers(model)]
+    assert any(".ln_" in name for name in wrapped)
+    spectra = weight_spectrum(model)
+    assert set(spectra) == {name for name in wrapped if ".ln_" not in name}  # a LayerNorm's 1-D weight has no spectrum
+    assert spectra and {(s.rank, s.rank_90) for s in spectra.values()} == {(0, 0)}
 
 
 def test_energy_rank_closed_form() -> None:

@@ -6,7 +6,7 @@ model could do before. They plot one against the other (the learning-forgetting 
 LoRA sits lower on both axes than full fine-tuning, while keeping the base model's generations more diverse.
 
 This callback takes the second number during training, for any method (or none: full fine-tuning) on any
-Trainer. At fit start it measures the base model on source-domain text (with the adapters disabled, so what is
+Trainer. When training starts it measures the base model on source-domain text (with the adapters disabled, so what is
 measured is the base even when an init such as text-initialised prompt tuning already changed the outputs;
 before any step for full fine-tuning). Every ``every_n_steps`` optimizer steps, and once more at the end, it
 measures the current model the same way and logs, through the Trainer's loggers:
@@ -20,11 +20,15 @@ measures the current model the same way and logs, through the Trainer's loggers:
 
 At fit end one line sums it up: learned X on the target, forgot Y on the source.
 
-Under DDP (or FSDP) every rank scores every ``world_size``-th batch of the source loader and the sums of token
-NLLs and token counts are all-reduced, so the result equals the one-process value. The measurement runs
-without gradients, in eval mode, with the random generators forked and restored: a monitored run trains
-exactly as an unmonitored one, and resumes exactly (the base measurement is kept in the checkpoint, so a
-resumed full fine-tune is still compared with the model it started from).
+Under DDP every rank scores every ``world_size``-th batch of the source loader and the sums of token NLLs and
+token counts are all-reduced, so the result equals the one-process value. Every rank checks every batch first,
+so bad input raises on all ranks together instead of leaving the others waiting in the all-reduce. Sharded
+strategies (FSDP, DeepSpeed) are refused at setup: there a forward pass is itself a collective that each rank
+must enter as often as the others, and the inner model cannot be called outside its root wrapper. The
+measurement runs without gradients, in eval mode, under the Trainer's precision, with the random generators
+forked and restored: a monitored run trains exactly as an unmonitored one, and resumes exactly (the base
+measurement is kept in the checkpoint, so a resumed full fine-tune is still compared with the model it started
+from). The base is measured at ``on_train_start``, after every strategy has restored its checkpoint.
 
 Costs: one forward pass over the source batches per measurement (``max_batches`` caps them), plus, with
 ``"distinct"``, ``len(prompts) * max_new_tokens`` decoding steps. With ``every_n_steps`` at 10x the time of
@@ -34,7 +38,7 @@ one measurement, the monitor adds about 10% to a run.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -45,8 +49,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_peft.core.model_lookup import find_model
+from lightning_peft.integration.strategies import shards_parameters
 from lightning_peft.operations.merging import disable_adapters
-from lightning_peft.operations.text_scoring import distinct_ngrams, negative_log_likelihood_sums, sampled_continuations
+from lightning_peft.operations.text_scoring import (
+    check_token_ids,
+    distinct_ngrams,
+    negative_log_likelihood_sums,
+    sampled_continuations,
+    vocabulary_size,
+)
 
 METRICS = ("loss", "perplexity", "distinct")
 
@@ -58,6 +69,10 @@ def _check_source(source: Any, what: str) -> None:
         raise TypeError(
             f"{what} must be a DataLoader (or any iterable of batches) or a LightningDataModule, got {type(source).__name__}"
         )
+    if isinstance(source, Iterator):
+        # A generator is used up by the first measurement; the second would find it empty. (Checked by type: calling
+        # iter() on a DataLoader would draw from the global random generator.)
+        raise TypeError(f"{what} is a one-shot iterator ({type(source).__name__}); pass a DataLoader or a list of batches, which can be read again")
 
 
 def _loader_of(source: Source) -> Iterable[dict[str, torch.Tensor]]:
@@ -86,7 +101,9 @@ class ForgettingMonitor(Callback):
         prompts: token-id lists, or strings (tokenized by the LightningModule's ``tokenizer``), to continue for
             ``"distinct"``.
         max_new_tokens: tokens sampled per prompt; ngram: the ``n`` of distinct-n; seed: the sampling seed.
-        model_attr: attribute of the LightningModule holding the model (found automatically by default).
+        model_attr: attribute of the LightningModule holding the model (by default the module's
+            ``peft_model_attr``, else the single transformers model inside it, as ``PEFTCallback`` finds it).
+        name: tells monitors apart in one Trainer (one per source domain): it keys each one's checkpoint state.
 
     Example::
 
@@ -109,6 +126,7 @@ class ForgettingMonitor(Callback):
         ngram: int = 2,
         seed: int = 0,
         model_attr: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
         _check_source(source, "source")
         if target is not None:
@@ -122,9 +140,9 @@ class ForgettingMonitor(Callback):
             raise ValueError(f"metrics must be a non-empty subset of {list(METRICS)}, got {list(metrics)!r}")
         if "distinct" in metrics and not prompts:
             raise ValueError("metrics include 'distinct' but no prompts were given: pass prompts=[...] to sample continuations of")
-        for name, value in (("max_batches", max_batches), ("max_new_tokens", max_new_tokens), ("ngram", ngram)):
+        for argument, value in (("max_batches", max_batches), ("max_new_tokens", max_new_tokens), ("ngram", ngram)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{argument} must be a positive integer, got {value!r}")
         self.source = source
         self.every_n_steps = every_n_steps
         self.metrics = tuple(metrics)
@@ -136,6 +154,7 @@ class ForgettingMonitor(Callback):
         self.ngram = ngram
         self.seed = seed
         self.model_attr = model_attr
+        self.name = name
         # What the checkpoint carries: the base model's figures and every measurement so far.
         self.base: Optional[dict[str, float]] = None
         self.history: list[dict[str, float]] = []
@@ -143,26 +162,37 @@ class ForgettingMonitor(Callback):
         self._last_step: Optional[int] = None
         self._first_target_metric: Optional[float] = None
         self._last_target_metric: Optional[float] = None
+        self._measured_after_base = False
+        self._loaders: dict[str, Iterable] = {}
 
     # -- measuring ---------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name) if self.name is not None else super().state_key
+
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
-        model = find_model(pl_module, self.model_attr)
+        model = find_model(pl_module, self.model_attr or getattr(pl_module, "peft_model_attr", None))
         if model is None:
             raise ValueError(f"{type(pl_module).__name__} holds no model to measure (model_attr={self.model_attr!r})")
         return model
 
-    def _shard(self, loader: Iterable[dict[str, torch.Tensor]], trainer: pl.Trainer) -> Iterable[dict[str, torch.Tensor]]:
-        """This rank's batches: every ``world_size``-th, from its rank on, of the first ``max_batches``."""
+    def _shard(self, loader: Iterable, trainer: pl.Trainer, vocab: int, what: str) -> list[dict[str, torch.Tensor]]:
+        """This rank's batches: every ``world_size``-th, from its rank on, of the first ``max_batches``. Every
+        batch is checked on every rank, so a bad one raises everywhere before any rank enters the all-reduce."""
         rank, world = trainer.global_rank, trainer.world_size
+        mine = []
         for index, batch in enumerate(loader):
             if self.max_batches is not None and index >= self.max_batches:
-                return
+                break
+            check_token_ids(batch, vocab, what)
             if index % world == rank:
-                yield batch
+                mine.append(batch)
+        return mine
 
     def _mean_loss(self, loader: Iterable, trainer: pl.Trainer, model: nn.Module, what: str) -> float:
         device = trainer.strategy.root_device
-        sums = negative_log_likelihood_sums(model, self._shard(loader, trainer), device, what)
+        batches = self._shard(loader, trainer, vocabulary_size(model), what)
+        sums = negative_log_likelihood_sums(model, batches, device, what)
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         if float(sums[1]) == 0:
             raise ValueError(
@@ -173,14 +203,22 @@ class ForgettingMonitor(Callback):
 
     def _prompt_ids(self, pl_module: pl.LightningModule) -> list[list[int]]:
         assert self.prompts is not None
-        if all(not isinstance(p, str) for p in self.prompts):
-            return [list(map(int, p)) for p in self.prompts]
         tokenizer = getattr(pl_module, "tokenizer", None)
-        if tokenizer is None:
+        if tokenizer is None and any(isinstance(p, str) for p in self.prompts):
             raise ValueError(
                 f"prompts are strings but {type(pl_module).__name__} has no tokenizer attribute; pass token-id lists instead"
             )
-        return [p if not isinstance(p, str) else tokenizer(p)["input_ids"] for p in self.prompts]
+        ids = [list(map(int, p)) if not isinstance(p, str) else tokenizer(p)["input_ids"] for p in self.prompts]
+        vocab = vocabulary_size(self._model(pl_module))
+        for prompt in ids:
+            check_token_ids({"input_ids": torch.tensor([prompt])}, vocab, "prompts")
+        return ids
+
+    def _loader(self, what: str) -> Iterable:
+        """The source (or target) loader, resolved once per fit: a data module is prepared and set up here."""
+        if what not in self._loaders:
+            self._loaders[what] = _loader_of(self.source if what == "source" else self.target)
+        return self._loaders[what]
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Score the model as it is now (eval mode, no gradient, the random state left untouched)."""
@@ -190,16 +228,16 @@ class ForgettingMonitor(Callback):
         values: dict[str, float] = {}
         model.eval()
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), trainer.strategy.precision_plugin.forward_context():
                 # The loss is always logged: every other source figure is read against it.
-                loss = values["source_loss"] = self._mean_loss(_loader_of(self.source), trainer, model, "source")
+                loss = values["source_loss"] = self._mean_loss(self._loader("source"), trainer, model, "source")
                 if "perplexity" in self.metrics:
                     values["source_perplexity"] = math.exp(min(loss, 700.0))
                 if self.target is not None:
-                    values["target_loss"] = self._mean_loss(_loader_of(self.target), trainer, model, "target")
-            if "distinct" in self.metrics:
-                continuations = sampled_continuations(model, self._prompt_ids(pl_module), self.max_new_tokens, self.seed, device)
-                values[f"distinct_{self.ngram}"] = distinct_ngrams(continuations, self.ngram)
+                    values["target_loss"] = self._mean_loss(self._loader("target"), trainer, model, "target")
+                if "distinct" in self.metrics:
+                    continuations = sampled_continuations(model, self._prompt_ids(pl_module), self.max_new_tokens, self.seed, device)
+                    values[f"distinct_{self.ngram}"] = distinct_ngrams(continuations, self.ngram)
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -215,6 +253,7 @@ class ForgettingMonitor(Callback):
         self._log(trainer, logged, step)
         self.history.append({"step": float(step), **logged})
         self._last_step = step
+        self._measured_after_base = True
 
     @staticmethod
     def _log(trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
@@ -225,7 +264,25 @@ class ForgettingMonitor(Callback):
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in values.items()})
 
     # -- hooks -------------------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING:
+            return
+        if shards_parameters(trainer.strategy):
+            raise ValueError(
+                f"ForgettingMonitor does not support {type(trainer.strategy).__name__}: under a sharded strategy each forward "
+                f"pass is a collective every rank must enter equally often, through the root wrapper. Use DDP (strategy='ddp'), "
+                f"or measure the exported adapter on one device afterwards"
+            )
+        # A new fit starts a new run: nothing of an earlier fit of this instance carries over. A resumed fit gets its
+        # state back from the checkpoint (load_state_dict), which comes after setup.
+        self.base, self.history, self.summary, self._last_step = None, [], None, None
+        self._first_target_metric = self._last_target_metric = None
+        self._measured_after_base = False
+        self._loaders = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_start, not on_fit_start: FSDP and DeepSpeed restore checkpoints after on_fit_start, and a
+        # "base" measured before that would be the unrestored model.
         if self.base is not None:
             return  # resumed: the base was measured when the run began, before any step
         with disable_adapters(self._model(pl_module)):
@@ -263,7 +320,8 @@ class ForgettingMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.base is None:
             return
-        if trainer.global_step != self._last_step:
+        # Also when no step was taken (a method fitted from data, like ITI): the run's model is then measured once.
+        if trainer.global_step != self._last_step or not self._measured_after_base:
             self._record(trainer, pl_module)
         self.summary = self._summary(trainer)
         rank_zero_info(self.summary)
@@ -296,6 +354,7 @@ class ForgettingMonitor(Callback):
             "last_step": self._last_step,
             "first_target_metric": self._first_target_metric,
             "last_target_metric": self._last_target_metric,
+            "measured_after_base": self._measured_after_base,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -304,3 +363,4 @@ class ForgettingMonitor(Callback):
         self._last_step = state_dict["last_step"]
         self._first_target_metric = state_dict["first_target_metric"]
         self._last_target_metric = state_dict["last_target_metric"]
+        self._measured_after_base = state_dict["measured_after_base"]

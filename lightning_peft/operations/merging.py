@@ -148,14 +148,17 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """
     layers = [adapter for _, adapter in adapter_modules(model)]
     was_merged = [layer.merged for layer in layers]
+    # Restored to what it was, not to False: a nested use (a ForgettingMonitor measuring inside a run that
+    # has the adapters off) must leave them off.
+    was_disabled = [layer.disabled for layer in layers]
     for layer in layers:
         layer.unmerge()
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer, merged in zip(layers, was_merged):
-            layer.disabled = False
+        for layer, merged, disabled in zip(layers, was_merged, was_disabled):
+            layer.disabled = disabled
             if merged:
                 layer.merge()
 

@@ -77,12 +77,34 @@ def _unmerged_base_weight(layer: AdapterLayer) -> torch.Tensor:
     return layer.unmerged_weight(weight) if layer.merged else weight
 
 
+
+
+def layer_perturbation(name: str, layer: AdapterLayer) -> torch.Tensor:
+    """``merged weight - base weight`` (float32) of one adapter layer.
+
+    For an additive method this is ``delta_weight()`` itself: subtracting ``W`` from ``W + delta`` in float32 would
+    add rounding noise of about ``eps * |W|`` to a matrix that may be far smaller than ``W``.
+    """
+    kind = type(layer)
+    try:
+        if kind.merged_weight is AdapterLayer.merged_weight:  # merges as W + delta_weight() (LoRA, SparseFT)
+            if kind.delta_weight is AdapterLayer.delta_weight:
+                return torch.zeros_like(_unmerged_base_weight(layer))  # changes only biases (BitFit, ITI)
+            return layer.delta_weight().float()
+        weight = _unmerged_base_weight(layer)  # a merge rule of its own: DoRA's rescaling, (IA)3's scaling
+        return layer.merged_weight(weight) - weight
+    except (ValueError, RuntimeError, NotImplementedError) as error:
+        raise ValueError(f"cannot take the weight perturbation of {name!r} ({type(layer).__name__}): {error}") from error
+
+
 @torch.no_grad()
 def adapter_perturbations(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``merged weight - base weight`` (float32) for every adapter layer of ``model``.
+    """``merged weight - base weight`` (float32) for every adapter layer of ``model`` with a matrix weight.
 
     Refuses a model whose adapters cannot merge (prompt tuning, bottleneck adapters, ...): their change is not a
-    weight perturbation, so there is no spectrum to take.
+    weight perturbation, so there is no spectrum to take. Layers whose weight is not a matrix (BitFit on a
+    LayerNorm) are left out; a method that changes only biases (BitFit, ITI) gives all-zero spectra, which is
+    what it did to the weights.
     """
     modules = list(adapter_modules(model))
     if not modules:
@@ -93,7 +115,11 @@ def adapter_perturbations(model: nn.Module) -> dict[str, torch.Tensor]:
             f"weight_spectrum needs a method whose update merges into the weights (LoRA, DoRA, (IA)3, SparseFT, ...); "
             f"{', '.join(unmergeable)} cannot merge, so its change is not a weight perturbation"
         )
-    return {name: layer.merged_weight(_unmerged_base_weight(layer)) - _unmerged_base_weight(layer) for name, layer in adapter_layers(model)}
+    return {
+        name: layer_perturbation(name, layer)
+        for name, layer in adapter_layers(model)
+        if getattr(layer.base_layer, "weight", None) is not None and layer.base_layer.weight.ndim == 2
+    }
 
 
 @torch.no_grad()
@@ -138,8 +164,7 @@ def weight_spectrum(model_or_adapter: nn.Module, base: nn.Module | None = None) 
     if isinstance(model_or_adapter, AdapterLayer):
         if not model_or_adapter.can_merge:
             raise ValueError(f"{type(model_or_adapter).__name__} cannot merge, so its change is not a weight perturbation")
-        weight = _unmerged_base_weight(model_or_adapter)
-        return {"adapter": spectrum_of("adapter", model_or_adapter.merged_weight(weight) - weight)}
+        return {"adapter": spectrum_of("adapter", layer_perturbation("adapter", model_or_adapter))}
     has_adapters = next(adapter_modules(model_or_adapter), None) is not None
     if base is not None and has_adapters:
         raise ValueError(

@@ -5,7 +5,7 @@ These are the two source-domain measurements of Biderman et al., 2024, "LoRA Lea
 
 - **Loss on source-domain text.** The mean negative log-likelihood per predicted token, ``sum(NLL) / tokens``,
   and its perplexity ``exp`` of that. The sums (not a mean of batch means) are what is returned, so shards read
-  by different processes add up to exactly the one-process value, however unevenly the tokens fall.
+  by different processes add up to the one-process value (to float64 rounding), however unevenly the tokens fall.
 - **Generation diversity.** The paper finds that LoRA keeps the base model's generations more diverse than full
   fine-tuning does. The cheap statistic used here is *distinct-n* (Li et al., 2016, arXiv:1510.03055): the
   number of distinct n-grams among all n-grams of the generated continuations, divided by their number (1.0
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 # What Hugging Face losses (and torch's cross_entropy) skip.
 IGNORE_INDEX = -100
@@ -42,40 +43,45 @@ def language_model_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
 
 
-def check_token_ids(batch: dict[str, Any], vocab: int, where: str) -> None:
-    """Raise if ``batch`` is not a dict with ``input_ids``, or holds ids the model cannot read (text tokenised
-    by another tokenizer: an id past the embedding would crash inside the model, or on CPU read garbage)."""
+def check_token_ids(batch: Any, vocab: int, where: str) -> None:
+    """Raise if ``batch`` is not a dict with ``input_ids``, or holds input ids or labels the model cannot read
+    (text tokenized by another tokenizer: an index past the embedding or the output head, which on a GPU is a
+    device-side assert that kills the process)."""
     if not isinstance(batch, dict) or "input_ids" not in batch:
         found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f"{where}: a batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels'); got {found}")
-    ids = batch["input_ids"]
-    if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-        raise ValueError(
-            f"{where}: token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has {vocab} ids "
-            f"(0 to {vocab - 1}); tokenize the source text with the model's own tokenizer"
-        )
+    for key, ids in (("token ids", batch["input_ids"]), ("labels", language_model_labels(batch))):
+        ids = ids[ids != IGNORE_INDEX] if key == "labels" else ids
+        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise ValueError(
+                f"{where}: {key} range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has {vocab} ids "
+                f"(0 to {vocab - 1}; labels may also be {IGNORE_INDEX}); tokenize the source text with the model's own tokenizer"
+            )
 
 
 @torch.no_grad()
 def negative_log_likelihood_sums(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, where: str) -> torch.Tensor:
     """``[sum of token NLLs, number of predicted tokens]`` (float64, on ``device``) over ``batches``.
 
-    Token ``t + 1`` is predicted from tokens ``<= t``, so ``labels[:, 1:]`` are the scored targets. The model's
-    own loss (its mean over those targets) is used rather than our own cross-entropy, so methods that change the
-    sequence (virtual tokens of prompt tuning) are scored as the model scores itself; it is multiplied back by
-    the target count to give a sum.
+    Token ``t + 1`` is predicted from tokens ``<= t``, so ``labels[:, 1:]`` are the scored targets. The sum is
+    computed here from the logits (float32 log-softmax, float64 accumulation), not taken from the model's
+    ``.loss``: a mixture-of-experts model adds its router's auxiliary loss to that, and a mean times a count is
+    not a sum. Methods that add virtual tokens cut them from the logits again, so logits align with inputs.
     """
     vocab = vocabulary_size(model)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         check_token_ids(batch, vocab, where)
         batch = {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
-        labels = language_model_labels(batch)
-        count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        targets = language_model_labels(batch)[:, 1:]
+        count = int((targets != IGNORE_INDEX).sum())
         if count == 0:
-            continue  # nothing to predict (the loss would be 0/0)
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels, use_cache=False).loss
-        totals[0] += loss.double() * count
+            continue  # nothing to predict
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        nll = nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        totals[0] += nll.double()
         totals[1] += count
     return totals
 
@@ -94,18 +100,21 @@ def sampled_continuations(
 ) -> list[list[int]]:
     """One sampled continuation (temperature 1, ``max_new_tokens`` new ids) per prompt, from a fixed seed.
 
-    Sampling draws from the global random generators; they are forked and restored, so measuring diversity
-    never changes the training run's dropout masks or data order (and a resumed run stays exact).
+    The sampling settings are given whole, so none of the model's own generation defaults (a repetition
+    penalty, ``no_repeat_ngram_size``, top-p) changes the distribution whose diversity is measured. Sampling
+    draws from the global random generators; they are forked and restored, so measuring diversity never changes
+    the training run's dropout masks or data order (and a resumed run stays exact).
     """
     devices = [device] if device.type == "cuda" else []
+    settings = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=0,
+    )  # fmt: skip
     outputs = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for prompt in prompts:
             ids = torch.tensor([list(prompt)], device=device)
-            generated = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=0,
-            )
+            generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings)
             outputs.append(generated[0, ids.shape[1] :].tolist())
     return outputs
