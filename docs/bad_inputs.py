@@ -27,7 +27,8 @@ AREAS = {
     "test_distributed": "strategies", "test_fsdp1": "strategies", "test_fsdp2": "strategies", "test_deepspeed": "strategies",
     "test_data": "data", "test_transformers_compat": "models", "test_pruning": "pruning", "test_layerdrop": "LayerDrop",
     "test_composition": "composition", "test_sparse_ft": "sparse fine-tuning", "test_iti": "inference-time intervention", "test_inca": "InCA",
-    "test_forgetting": "forgetting monitor", "test_spectrum": "weight spectrum",
+    "test_forgetting": "forgetting monitor", "test_spectrum": "weight spectrum", "test_linear_cross_entropy": "chunked loss",
+    "test_packing": "packing", "test_compile": "compile",
 }  # fmt: skip
 
 

@@ -77,7 +77,9 @@ def negative_log_likelihood_sums(model: nn.Module, batches: Iterable[dict[str, t
         count = int((targets != IGNORE_INDEX).sum())
         if count == 0:
             continue  # nothing to predict
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        # position_ids: a packed batch (ChatDataModule(pack=True)) keeps its conversations apart through them.
+        inputs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+        logits = model(input_ids=batch["input_ids"], **inputs, use_cache=False).logits
         nll = nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )

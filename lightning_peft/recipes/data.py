@@ -28,11 +28,12 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_peft.integration.resumable_sampler import ResumableDataLoader, resume_position
+from lightning_peft.recipes.packing import pack_examples, packed_collate, padding_fraction
 
 # The label value every Hugging Face loss (and torch's cross_entropy) ignores.
 IGNORE_INDEX = -100
@@ -159,8 +160,11 @@ class _TokenizedDataModule(LightningDataModule):
             position=partial(_training_position, self),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=partial(pad_collate, pad_token_id=self.pad_token_id),  # a partial pickles for workers
+            collate_fn=partial(self._collate_function(), pad_token_id=self.pad_token_id),  # a partial pickles for workers
         )
+
+    def _collate_function(self):
+        return pad_collate
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -349,10 +353,38 @@ class ChatDataModule(_SplitFilesDataModule):
         num_workers: int = 0,
         max_train_samples: Optional[int] = None,
         max_val_samples: Optional[int] = None,
+        pack: bool = False,
     ) -> None:
         super().__init__(tokenizer, train_file, val_file, max_length, batch_size, num_workers, max_train_samples, max_val_samples)
+        if not isinstance(pack, bool):
+            raise TypeError(f"`pack` must be true or false, got {pack!r}")
         self.save_hyperparameters()
+        self.pack = pack
         self.num_dropped: dict[str, int] = {}
+        self.packing_stats: dict[str, dict[str, float]] = {}
+
+    def _collate_function(self):
+        return packed_collate if self.pack else pad_collate
+
+    def _packed(self, dataset: _ListDataset, what: str) -> _ListDataset:
+        lengths = [len(e["input_ids"]) for e in dataset.examples]
+        rows = pack_examples(dataset.examples, self.max_length)
+        # The padding removed: that of the same conversations in padded batches holding as many of them as a batch
+        # of packed rows does (unshuffled order), against that of the packed rows in batches of batch_size.
+        per_batch = max(1, round(len(lengths) / max(1, len(rows)) * self.batch_size))
+        stats = {
+            "examples": len(lengths),
+            "rows": len(rows),
+            "padding_before": padding_fraction(lengths, per_batch),
+            "padding_after": padding_fraction([len(r["input_ids"]) for r in rows], self.batch_size),
+        }
+        self.packing_stats[what] = stats
+        rank_zero_info(
+            f"{what}: packed {stats['examples']} conversations into {stats['rows']} rows of <= {self.max_length} tokens; padding "
+            f"{stats['padding_before']:.1%} (batches of {per_batch} conversations) -> {stats['padding_after']:.1%} (batches of "
+            f"{self.batch_size} rows)"
+        )
+        return _ListDataset(rows)
 
     def _encode_file(self, path: str, what: str, limit: Optional[int]) -> _ListDataset:
         p = _require_file(path, what)
@@ -372,10 +404,11 @@ class ChatDataModule(_SplitFilesDataModule):
         return _ListDataset(examples)
 
     def _build(self) -> tuple[_ListDataset, _ListDataset]:
-        return (
-            self._encode_file(self.train_file, "train_file", self.max_train_samples),
-            self._encode_file(self.val_file, "val_file", self.max_val_samples),
-        )
+        train = self._encode_file(self.train_file, "train_file", self.max_train_samples)
+        val = self._encode_file(self.val_file, "val_file", self.max_val_samples)
+        if self.pack:
+            train, val = self._packed(train, "train_file"), self._packed(val, "val_file")
+        return train, val
 
 
 class ClassificationDataModule(_SplitFilesDataModule):

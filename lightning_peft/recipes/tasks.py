@@ -33,20 +33,24 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_peft.core.compilation import compile_blocks
 from lightning_peft.core.injection import injected_method
 from lightning_peft.core.transformers_compat import enable_checkpointing
 from lightning_peft.integration.mixin import PEFTMixin
-from lightning_peft.integration.strategies import check_trainer_compatibility, loads_on_rank0_only
+from lightning_peft.integration.strategies import check_trainer_compatibility, loads_on_rank0_only, shards_parameters
+from lightning_peft.methods.virtual_tokens import ATTRIBUTE as VIRTUAL_TOKENS
+from lightning_peft.operations.causal_lm_loss import causal_lm_loss, check_head_is_last, lean_loss_obstacle
 from lightning_peft.operations.param_groups import ParamGroups, apply_lr_scales, build_param_groups, check_scheduler_keeps_scales
 from lightning_peft.quantization import load_quantized, prepare_model_for_kbit_training
 from lightning_peft.quantization.config import Quantization
 
 DType = Literal["float32", "bfloat16", "float16"]
+LossKind = Literal["auto", "chunked", "plain"]
 # What Hugging Face losses (and torch's cross_entropy) skip.
 IGNORE_INDEX = -100
 
@@ -90,8 +94,11 @@ class _TransformersTask(PEFTMixin, L.LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable],
         quantization: Optional[Quantization] = None,
         param_groups: Optional[ParamGroups] = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be true or false, got {compile!r}")
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={dtype!r}; choose 'float32', 'bfloat16' or 'float16'")
         if quantization is not None and not isinstance(quantization, Quantization):
@@ -102,6 +109,7 @@ class _TransformersTask(PEFTMixin, L.LightningModule):
             raise TypeError(f"param_groups must be a lightning_peft.ParamGroups(...), got {type(param_groups).__name__}")
         self.quantization = quantization
         self.param_groups = param_groups
+        self.compile_enabled = compile
         self.model_name_or_path = model_name_or_path
         self.torch_dtype: torch.dtype = getattr(torch, dtype)
         self.optimizer_factory = optimizer
@@ -112,6 +120,11 @@ class _TransformersTask(PEFTMixin, L.LightningModule):
 
     def _tokenizer_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def parallelize(self) -> None:
+        # After injection (PEFTMixin calls this once), so the compiled blocks hold the adapter layers.
+        if self.compile_enabled:
+            compile_blocks(self.model)
 
     def _from_pretrained(self, auto_class: Any, **kwargs: Any) -> nn.Module:
         """``auto_class.from_pretrained``, or with ``quantization`` a k-bit load that streams the checkpoint
@@ -200,6 +213,14 @@ class CausalLMTask(_TransformersTask):
         param_groups: per-group learning rates (:class:`~lightning_peft.operations.param_groups.ParamGroups`): LoRA+
             ``loraplus_ratio`` (B learns that many times faster than A) and/or layer-wise ``layer_decay``,
             e.g. ``{loraplus_ratio: 16}`` from YAML. Each group's lr is the optimizer's lr times its multiplier.
+        loss: how the next-token loss is computed. ``"chunked"`` never holds the (tokens x vocab) float32 logits
+            (:mod:`lightning_peft.core.linear_cross_entropy`: same gradients within float32 rounding, several
+            times less memory, and prompt tokens skip the head); ``"plain"`` is transformers' own
+            (``model(..., labels=...).loss``); ``"auto"`` (default) is ``"chunked"`` wherever it is exact and
+            ``"plain"`` where it is not (sharded strategies, an adapted or quantized ``lm_head``, logits
+            post-processed after the head, a mixture-of-experts router loss), saying why once.
+        compile: ``torch.compile`` each transformer block in place after injection
+            (:mod:`lightning_peft.core.compilation`); see ``benchmarks/RESULTS.md`` for where it pays.
 
     Example::
 
@@ -218,8 +239,12 @@ class CausalLMTask(_TransformersTask):
         gradient_checkpointing: bool = False,
         quantization: Optional[Quantization] = None,
         param_groups: Optional[ParamGroups] = None,
+        loss: LossKind = "auto",
+        compile: bool = False,
     ) -> None:
-        super().__init__(model_name_or_path, dtype, optimizer, lr_scheduler, quantization, param_groups)
+        super().__init__(model_name_or_path, dtype, optimizer, lr_scheduler, quantization, param_groups, compile)
+        if loss not in ("auto", "chunked", "plain"):
+            raise ValueError(f"loss={loss!r}; choose 'auto' (chunked where exact), 'chunked' or 'plain'")
         if gguf_file and quantization is not None:
             raise ValueError(
                 f"gguf_file={gguf_file!r} with quantization: the k-bit loader streams safetensors only; convert the GGUF "
@@ -228,6 +253,8 @@ class CausalLMTask(_TransformersTask):
         self.save_hyperparameters(ignore=_unpicklable(optimizer=optimizer, lr_scheduler=lr_scheduler))
         self.gguf_file = gguf_file
         self.gradient_checkpointing = gradient_checkpointing
+        self.loss = loss
+        self._chunked: Optional[bool] = None  # decided on the first batch of each fit/validate (needs model and strategy)
         self.val_loss = MeanMetric()  # token-weighted mean NLL
         self.val_perplexity = TokenPerplexity()
 
@@ -249,17 +276,47 @@ class CausalLMTask(_TransformersTask):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         # use_cache=False: training and scoring never reuse the key/value cache, so don't build one.
-        return self.model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=_token_labels(batch), use_cache=False
-        )
+        return self.model(**_model_inputs(batch), labels=_token_labels(batch), use_cache=False)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self._chunked = None  # a new fit may run under another strategy, or after another method was injected
+
+    def _uses_chunked_loss(self, batch: dict[str, torch.Tensor]) -> bool:
+        if self._chunked is None:
+            if self.loss == "plain":
+                self._chunked = False
+                return False
+            trainer = self._trainer
+            reason = "a sharded strategy holds slices of the head" if trainer is not None and shards_parameters(trainer.strategy) else None
+            reason = reason or lean_loss_obstacle(self.model) or check_head_is_last(self.model, _model_inputs(batch))
+            if reason is not None and self.loss == "chunked":
+                raise ValueError(f"loss='chunked' cannot be exact for {self.model_name_or_path!r}: {reason}. Use loss='plain' (or 'auto')")
+            if reason is not None:
+                rank_zero_info(f"{type(self).__name__}: loss='auto' uses the plain loss (full logits): {reason}")
+            self._chunked = reason is None
+        return self._chunked
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the batch's scored tokens (``loss`` chooses how)."""
+        if "position_ids" in batch and "attention_mask" not in batch and hasattr(self.model, VIRTUAL_TOKENS):
+            # The virtual tokens go in front of a row and get an attention mask, which would undo the packing's
+            # separation (transformers reads example boundaries from the position ids only without a mask).
+            raise ValueError(
+                "packed batches (ChatDataModule(pack=True)) cannot feed prompt, P- or prefix tuning: their virtual tokens "
+                "would precede only a row's first example; set the data module's pack: false"
+            )
+        if self._uses_chunked_loss(batch):
+            return causal_lm_loss(self.model, _model_inputs(batch), _token_labels(batch))
+        return self(batch).loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        loss = self._loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self(batch).loss  # mean over the batch's predicted tokens
+        loss = self._loss(batch)  # mean over the batch's predicted tokens
         # The model predicts token t+1 from tokens <= t: labels[:, 1:] are the scored targets.
         num_tokens = (_token_labels(batch)[:, 1:] != IGNORE_INDEX).sum()
         if num_tokens == 0:
@@ -268,6 +325,12 @@ class CausalLMTask(_TransformersTask):
         self.val_perplexity.update(loss.float(), weight=num_tokens)
         self.log("val_loss", self.val_loss, prog_bar=True)
         self.log("val_perplexity", self.val_perplexity, prog_bar=True)
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a causal LM reads from a batch: packed batches (:mod:`lightning_peft.recipes.packing`) carry
+    ``position_ids`` and no ``attention_mask``."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
 
 
 def _token_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -297,6 +360,7 @@ class SequenceClassificationTask(_TransformersTask):
         param_groups: per-group learning rates (:class:`~lightning_peft.operations.param_groups.ParamGroups`): LoRA+
             ``loraplus_ratio`` and/or layer-wise ``layer_decay`` (the head, after the last block, keeps the
             optimizer's lr), e.g. ``{loraplus_ratio: 16, layer_decay: 0.8}`` from YAML.
+        compile: ``torch.compile`` each transformer block in place after injection.
 
     Example::
 
@@ -312,8 +376,9 @@ class SequenceClassificationTask(_TransformersTask):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         quantization: Optional[Quantization] = None,
         param_groups: Optional[ParamGroups] = None,
+        compile: bool = False,
     ) -> None:
-        super().__init__(model_name_or_path, dtype, optimizer, lr_scheduler, quantization, param_groups)
+        super().__init__(model_name_or_path, dtype, optimizer, lr_scheduler, quantization, param_groups, compile)
         if not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"num_labels must be an integer >= 2 (1 would make transformers regress), got {num_labels!r}")
         self.save_hyperparameters(ignore=_unpicklable(optimizer=optimizer, lr_scheduler=lr_scheduler))
