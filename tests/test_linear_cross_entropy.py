@@ -266,3 +266,24 @@ def test_under_ddp_the_chunked_loss_trains_as_one_process_on_the_whole_batch(tmp
         tmp_path / "ddp", strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[_ExpectWeights(expected), DestroyProcessGroupAtTeardown()]
     )
     trainer.fit(task, train_dataloaders=DataLoader(rows, batch_size=None))
+
+
+def test_the_gpu_qlora_benchmark_smoke_runs_on_the_cpu_with_both_implementations(tmp_path) -> None:
+    # benchmarks/bench_qlora_gpu.py is what measures the GPU targets; its CPU mode keeps it from rotting here.
+    # One step from B = 0: both implementations score the same NF4 base, ours with the chunked loss.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_qlora_gpu.py"
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(script), "--device", "cpu", "--shape", "tiny", "--seq", "32", "--warmup", "0", "--steps", "1", "--json", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "ours / peft: tokens/s ratio" in completed.stdout.splitlines()[-1]
+    import json
+
+    results = json.loads(out.read_text())
+    assert results["ours"]["loss"] == "chunked" and results["peft"]["loss"] == "plain"
+    assert results["ours"]["trainable"] == results["peft"]["trainable"] == 65_536  # the same LoRA: r=16 on all 14 linears
+    assert results["ours"]["last_loss"] == pytest.approx(results["peft"]["last_loss"], rel=1e-3)

@@ -131,7 +131,7 @@ def load_streaming(
     linear layers named in ``quantize`` (default: :func:`quantizable_linears`) as their weights arrive.
 
     ``tensors`` can be any iterable: a checkpoint read by :mod:`.safetensors_stream`, or weights made up
-    on the fly (``benchmarks/bench_qlora_8b_gpu.py`` initialises an 8B model this way on a GPU).
+    on the fly (``benchmarks/bench_qlora_gpu.py`` initialises an 8B model this way on a GPU).
     Names are the model's own; a tensor whose name the model does not have is reported as unexpected.
     """
     device = torch.device(device)
