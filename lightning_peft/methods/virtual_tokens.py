@@ -38,13 +38,13 @@ import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterModule
+from lightning_peft.core.linear_cross_entropy import IGNORE_INDEX
 from lightning_peft.core.model_geometry import ModelGeometry, model_geometry
 from lightning_peft.core.transformers_compat import CACHE_POSITION_ARGUMENTS, cache_length, call_cache
 from lightning_peft.methods.base import PEFTMethod
 
 #: The attribute of the model that holds the virtual tokens (HF peft's name for the same module).
 ATTRIBUTE = "prompt_encoder"
-IGNORE_INDEX = -100
 
 
 def check_positive(what: str, value: Any, example: int) -> None:

@@ -49,16 +49,15 @@ def lean_loss_obstacle(model: nn.Module) -> Optional[str]:
 
 @contextlib.contextmanager
 def head_returns_input(head: nn.Module, record: Optional[list] = None) -> Iterator[None]:
-    """Within the block, ``head(x)`` returns ``x`` (or, with ``record``, computes as usual and appends
-    ``(x, head(x))`` to it). The instance attribute shadows the class's ``forward`` and is removed after."""
+    """Within the block, ``head(x)`` returns ``x`` (or, with ``record``, computes as usual and appends its
+    output to it). The instance attribute shadows the class's ``forward`` and is removed after."""
     original = type(head).forward
 
     def passthrough(x: torch.Tensor) -> torch.Tensor:
         if record is None:
             return x
-        y = original(head, x)
-        record.append((x, y))
-        return y
+        record.append(original(head, x))
+        return record[-1]
 
     head.forward = passthrough
     try:
@@ -115,7 +114,7 @@ def check_head_is_last(model: nn.Module, batch: dict[str, Any], tokens: int = 8)
         logits = model(**_model_call(model, small, 0)).logits
     if not record:
         return "the model's forward never called its output head"
-    produced = record[-1][1][:, -logits.shape[1] :]  # prompt tuning cuts its virtual positions from the logits
+    produced = record[-1][:, -logits.shape[1] :]  # prompt tuning cuts its virtual positions from the logits
     if produced.shape != logits.shape or not torch.equal(produced.float(), logits.float()):
         return "the model changes its logits after the output head (logit scaling or soft-capping)"
     return None

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-# What Hugging Face losses (and torch's cross_entropy) skip.
-IGNORE_INDEX = -100
+from lightning_peft.core.linear_cross_entropy import IGNORE_INDEX
 
 
 def vocabulary_size(model: nn.Module) -> int:

@@ -32,11 +32,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_peft.core.linear_cross_entropy import IGNORE_INDEX
 from lightning_peft.integration.resumable_sampler import ResumableDataLoader, resume_position
 from lightning_peft.recipes.packing import pack_examples, packed_collate, padding_fraction
-
-# The label value every Hugging Face loss (and torch's cross_entropy) ignores.
-IGNORE_INDEX = -100
 
 
 class _ListDataset(Dataset):

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from lightning_peft.core.linear_cross_entropy import IGNORE_INDEX
 
 
 def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, list[int]]]:

@@ -40,6 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_peft.core.compilation import compile_blocks
 from lightning_peft.core.injection import injected_method
+from lightning_peft.core.linear_cross_entropy import IGNORE_INDEX
 from lightning_peft.core.transformers_compat import enable_checkpointing
 from lightning_peft.integration.mixin import PEFTMixin
 from lightning_peft.integration.strategies import check_trainer_compatibility, loads_on_rank0_only, shards_parameters
@@ -51,8 +52,6 @@ from lightning_peft.quantization.config import Quantization
 
 DType = Literal["float32", "bfloat16", "float16"]
 LossKind = Literal["auto", "chunked", "plain"]
-# What Hugging Face losses (and torch's cross_entropy) skip.
-IGNORE_INDEX = -100
 
 
 class TokenPerplexity(MeanMetric):
